@@ -1,0 +1,56 @@
+"""``tad-tune``: torchtune's ``tune`` with our recipes and configs registered, plus our own commands.
+
+``tad-tune ls | cp | run | validate-config ...`` behave exactly like ``tune``'s, with the
+``knowledge_distillation_tad`` (and evaluation) recipes and our shipped configs added to the registry.
+The commands below are ours; each lives in the module that owns the feature and is imported lazily so
+``tad-tune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help). Each function takes ``argv: list[str]`` and returns an exit code.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("tad_torchtune.demo", "main", "distil a real small model on CPU, offline: TAD vs KD vs CE (README)"),
+    "tokenize": ("tad_torchtune.data.tokenize", "main", "pre-tokenise a corpus into a packed token file"),
+    "validate": ("tad_torchtune.validate", "main", "check a recipe config before spending any compute"),
+    "diagnose": ("tad_torchtune.eval.diagnostics", "main", "held-out KL, teacher tail mass, argmax-error plots"),
+    "export-hf": ("tad_torchtune.models.export", "main", "export a student checkpoint in HF format"),
+    "flops": ("tad_torchtune.utils.flops", "main", "FLOPs per token and utilisation projection for a config"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: tad-tune <command> [args]", "", "torchtune commands (our recipes and configs registered):"]
+    lines.append("  ls, cp, run, download, validate  -- see `tad-tune <command> --help`")
+    lines.append("")
+    lines.append("tad_torchtune commands:")
+    for name, (_, _, help_text) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<10} {help_text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in SUBCOMMANDS:
+        module_name, func_name, _ = SUBCOMMANDS[argv[0]]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                print(f"tad-tune {argv[0]}: not available in this version ({module_name} is missing)", file=sys.stderr)
+                return 2
+            raise
+        return int(getattr(module, func_name)(argv[1:]) or 0)
+    from tad_torchtune._registry import tune_main
+
+    return int(tune_main(argv) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The chunk loop every divergence shares: input checks, vocabulary cut, label split, reduction.
+
+A divergence subclass only says what happens on one chunk of flattened positions (``_chunk``) and,
+when it needs sequence-level statistics first (TAD's w(X)), what a cheap no-grad first pass over the
+teacher chunks computes (``_prepare``). The gradient with respect to the student logits is computed
+chunk by chunk *during the forward* and kept in the input dtype, so no ``[B, S, V]`` fp32 activation is
+saved for backward (the memory profile of Liger's chunked losses, and leaner than torchtune's chunked
+KL, whose autograd graph keeps two fp32 copies of every chunk until backward).
+
+This module imports only ``torch`` (DESIGN.md, "Boundaries").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+LogitsInput = torch.Tensor | Sequence[torch.Tensor]
+
+
+class ChunkResult:
+    """What a divergence returns for one chunk of ``N`` flattened positions.
+
+    Attributes:
+        per_token (torch.Tensor): ``[N]`` fp32 divergence per position (already multiplied by τ²,
+            zero where the position is ignored).
+        grad (torch.Tensor | None): ``[N, V]`` fp32 gradient of ``per_token.sum()`` with respect to the
+            *unscaled* student logits, or ``None`` when no gradient is needed.
+        stats (dict[str, torch.Tensor]): 0-d fp32 sums over the chunk's valid positions, for logging.
+    """
+
+    __slots__ = ("per_token", "grad", "stats")
+
+    def __init__(self, per_token: torch.Tensor, grad: torch.Tensor | None, stats: dict[str, torch.Tensor]):
+        self.per_token = per_token
+        self.grad = grad
+        self.stats = stats
+
+
+class _GradientInForward(torch.autograd.Function):
+    """Returns a loss whose gradients with respect to the student chunks were computed in forward.
+
+    ``forward(ctx, loss, grads, *student_chunks)``: ``loss`` is the detached 0-d value, ``grads`` the
+    list of precomputed gradients (same shapes and dtypes as the chunks). Backward scales them by the
+    incoming scalar gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, grads: list[torch.Tensor], *student_chunks: torch.Tensor):
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads = ctx.grads
+        ctx.grads = None  # free the buffers as soon as autograd has them
+        # The buffers are ours alone: scale in place instead of allocating a second copy.
+        grads = [g.mul_(grad_output.to(g.dtype)) for g in grads]
+        return (None, None, *grads)
+
+
+class ChunkedDivergenceLoss(nn.Module):
+    """Base class: a token-level divergence between student and teacher next-token distributions.
+
+    Drop-in for torchtune's ``kd_loss`` slot: ``forward(student_logits, teacher_logits, labels,
+    normalize=True)`` accepts either torchtune's chunked output (lists of ``[B, S_c, V]`` tensors, chunk
+    sizes may differ) or full ``[B, S, V]`` tensors (split here into ``num_output_chunks`` pieces to bound
+    memory), or torchtune's flattened ``[N, V]`` logits with ``[N]`` labels (treated as one sequence).
+
+    Args:
+        temperature (float): τ, divides both models' logits; the divergence is multiplied by τ².
+            Default: 1.0
+        num_output_chunks (int): pieces a full-tensor input is split into along the sequence; also read by
+            torchtune's KD recipes to check it matches the CE loss. Default: 8
+        ignore_index (int): label value of positions that contribute nothing. Default: -100
+
+    Raises:
+        ValueError: ``temperature <= 0`` or ``num_output_chunks < 1``.
+    """
+
+    def __init__(self, temperature: float = 1.0, num_output_chunks: int = 8, ignore_index: int = -100):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got temperature={temperature!r}")
+        if int(num_output_chunks) != num_output_chunks or num_output_chunks < 1:
+            raise ValueError(f"num_output_chunks must be an integer >= 1, got num_output_chunks={num_output_chunks!r}")
+        self.temperature = float(temperature)
+        self.num_output_chunks = int(num_output_chunks)
+        self.ignore_index = int(ignore_index)
+        self._last_stats: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    # What a subclass provides
+    _needs_prepare: bool = False
+
+    def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor) -> Any:
+        """First pass, one teacher chunk (``[N, V]`` fp32 / τ), no grad; only when ``_needs_prepare``."""
+        return None
+
+    def _finish_prepare(self, items: list[Any], valid_chunks: list[torch.Tensor], batch_size: int) -> list[Any]:
+        """Combines the first pass's items across chunks (e.g. per-row means). Returns one item per chunk."""
+        return items
+
+    def _chunk(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        valid: torch.Tensor,
+        prepared: Any,
+        need_grad: bool,
+    ) -> ChunkResult:
+        """Divergence on one chunk.
+
+        Args:
+            student (torch.Tensor): ``[N, V]`` fp32 student logits already divided by τ.
+            teacher (torch.Tensor): ``[N, V]`` fp32 teacher logits already divided by τ (vocabulary cut).
+            valid (torch.Tensor): ``[N]`` bool, positions whose label is not ``ignore_index``.
+            prepared (Any): this chunk's item from ``_prepare``.
+            need_grad (bool): whether to return the gradient.
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def last_stats(self) -> dict[str, torch.Tensor]:
+        """0-d tensors of the last call (no host sync until read): sums over valid tokens and counts.
+
+        Always present: ``num_tokens``, ``divergence_sum``. Subclasses add their own (TAD: ``dkl1_sum``,
+        ``tail_sum``, ``alpha_t_sum``, ``w_sum`` with ``num_rows``, ``topk_overlap_sum``).
+        """
+        return self._last_stats
+
+    def stats(self) -> dict[str, float]:
+        """Means of the last call's statistics as floats (one host sync). Empty before the first call."""
+        s = self._last_stats
+        if not s:
+            return {}
+        n = max(float(s["num_tokens"]), 1.0)
+        out: dict[str, float] = {"num_tokens": float(s["num_tokens"])}
+        for key, value in s.items():
+            if key in ("num_tokens", "num_rows"):
+                continue
+            name = key.removesuffix("_sum")
+            if key == "w_sum":
+                out["w_mean"] = float(value) / max(float(s["num_rows"]), 1.0)
+            else:
+                out[f"{name}_mean"] = float(value) / n
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    def _as_chunks(
+        self, student_logits: LogitsInput, teacher_logits: LogitsInput, labels: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """Normalise inputs to aligned lists of ``[B, S_c, V]`` chunks and ``[B, S_c]`` label chunks.
+
+        Returns the student chunks, teacher chunks, label chunks and, for a full-tensor input, the full
+        student tensor (so the gradient can be written into one buffer of its shape).
+        """
+        student_is_list = isinstance(student_logits, (list, tuple))
+        teacher_is_list = isinstance(teacher_logits, (list, tuple))
+        if student_is_list != teacher_is_list:
+            raise ValueError(
+                "student_logits and teacher_logits must both be lists of chunks or both be tensors, got "
+                f"{type(student_logits).__name__} and {type(teacher_logits).__name__}"
+            )
+        full_student = None
+        if student_is_list:
+            student_chunks, teacher_chunks = list(student_logits), list(teacher_logits)
+            if len(student_chunks) != len(teacher_chunks) or not student_chunks:
+                raise ValueError(
+                    f"student and teacher must give the same non-zero number of chunks, got {len(student_chunks)} "
+                    f"and {len(teacher_chunks)}"
+                )
+            if labels.dim() != 2:
+                raise ValueError(f"labels must be [B, S] with chunked logits, got shape {tuple(labels.shape)}")
+            sizes = [c.size(1) if c.dim() == 3 else -1 for c in student_chunks]
+            for i, (s, t) in enumerate(zip(student_chunks, teacher_chunks, strict=True)):
+                if s.dim() != 3 or t.dim() != 3 or s.shape[:2] != t.shape[:2]:
+                    raise ValueError(
+                        f"chunk {i}: student {tuple(s.shape)} and teacher {tuple(t.shape)} must both be [B, S_c, V] "
+                        "with the same B and S_c"
+                    )
+            if sum(sizes) != labels.size(1) or student_chunks[0].size(0) != labels.size(0):
+                raise ValueError(
+                    f"chunks cover [B={student_chunks[0].size(0)}, S={sum(sizes)}] positions but labels are "
+                    f"{tuple(labels.shape)}; labels must be [B, S] aligned with the logits"
+                )
+            # Split the labels by the chunks' own sizes, never by re-chunking (TAD_SPEC §3.7).
+            label_chunks = list(labels.split(sizes, dim=1))
+        else:
+            s, t = student_logits, teacher_logits
+            if s.dim() == 2 and t.dim() == 2 and labels.dim() == 1:
+                # torchtune's recipes flatten unchunked logits to [N, V] and labels to [N]: one sequence.
+                s, t, labels = s.unsqueeze(0), t.unsqueeze(0), labels.unsqueeze(0)
+            if s.dim() != 3 or t.dim() != 3 or s.shape[:2] != t.shape[:2] or labels.shape != s.shape[:2]:
+                raise ValueError(
+                    "expected student [B, S, V], teacher [B, S, V_T] and labels [B, S], got student "
+                    f"{tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}, "
+                    f"labels {tuple(labels.shape)}"
+                )
+            full_student = s
+            pieces = min(self.num_output_chunks, max(s.size(1), 1))
+            student_chunks = list(s.tensor_split(pieces, dim=1))
+            teacher_chunks = list(t.tensor_split(pieces, dim=1))
+            label_chunks = list(labels.tensor_split(pieces, dim=1))
+        v_s, v_t = student_chunks[0].size(-1), teacher_chunks[0].size(-1)
+        if any(c.size(-1) != v_s for c in student_chunks) or any(c.size(-1) != v_t for c in teacher_chunks):
+            raise ValueError("all chunks of one model must have the same vocabulary size")
+        if v_t < v_s:
+            raise ValueError(
+                f"teacher vocabulary ({v_t}) is smaller than the student's ({v_s}); the teacher's may only extend "
+                "the student's (its extra rows are cut). Use models with a shared vocabulary."
+            )
+        return student_chunks, teacher_chunks, label_chunks, full_student
+
+    def forward(
+        self,
+        student_logits: LogitsInput,
+        teacher_logits: LogitsInput,
+        labels: torch.Tensor,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Divergence summed over valid positions, divided by their count when ``normalize``.
+
+        Args:
+            student_logits (torch.Tensor | list[torch.Tensor]): ``[B, S, V]`` or chunks ``[B, S_c, V]``.
+            teacher_logits (torch.Tensor | list[torch.Tensor]): same layout, ``[..., V_T]`` with
+                ``V_T >= V``; rows past ``V`` are cut before any softmax (TAD_SPEC §3.6).
+            labels (torch.Tensor): ``[B, S]`` next-token labels aligned with the logits; positions equal
+                to ``ignore_index`` are skipped.
+            normalize (bool): divide by the number of valid positions (0 valid gives 0). Default: True
+
+        Returns:
+            torch.Tensor: 0-d fp32 loss. Differentiable with respect to the student logits only.
+
+        Raises:
+            ValueError: inconsistent shapes or vocabulary sizes, or a hyperparameter invalid for ``V``.
+        """
+        student_chunks, teacher_chunks, label_chunks, full_student = self._as_chunks(
+            student_logits, teacher_logits, labels
+        )
+        vocab = student_chunks[0].size(-1)
+        self._check_vocab(vocab)
+        batch_size = student_chunks[0].size(0)
+        need_grad = torch.is_grad_enabled() and any(c.requires_grad for c in student_chunks)
+        inv_tau = 1.0 / self.temperature
+
+        def scaled(chunk: torch.Tensor) -> torch.Tensor:
+            # [B, S_c, V'] -> [B*S_c, V] fp32 / τ; always a new tensor, so inputs are never modified.
+            flat = chunk[..., :vocab].reshape(-1, vocab)
+            return flat.to(torch.float32) * inv_tau if inv_tau != 1.0 else flat.to(torch.float32, copy=True)
+
+        with torch.no_grad():
+            self._prepared_stats: dict[str, torch.Tensor] = {}
+            valid_chunks = [(lab != self.ignore_index).reshape(-1) for lab in label_chunks]
+            if self._needs_prepare:
+                items = [self._prepare_chunk(scaled(t), v) for t, v in zip(teacher_chunks, valid_chunks, strict=True)]
+            else:
+                items = [None] * len(teacher_chunks)
+            prepared = self._finish_prepare(items, valid_chunks, batch_size)
+            total = torch.zeros((), dtype=torch.float32, device=student_chunks[0].device)
+            stats: dict[str, torch.Tensor] = {}
+            grads: list[torch.Tensor] = []
+            full_grad = torch.empty_like(full_student) if (need_grad and full_student is not None) else None
+            start = 0
+            chunks = zip(student_chunks, teacher_chunks, valid_chunks, prepared, strict=True)
+            for s_chunk, t_chunk, valid, prep in chunks:
+                res = self._chunk(scaled(s_chunk), scaled(t_chunk), valid, prep, need_grad)
+                total = total + res.per_token.sum()
+                for key, value in res.stats.items():
+                    stats[key] = stats[key] + value if key in stats else value
+                if need_grad:
+                    grad = res.grad.view(s_chunk.shape).to(s_chunk.dtype)
+                    if full_grad is not None:
+                        full_grad[:, start : start + s_chunk.size(1)] = grad
+                    else:
+                        grads.append(grad)
+                start += s_chunk.size(1)
+                del res
+            num_valid = sum(v.sum() for v in valid_chunks).to(torch.float32)
+            stats.update(self._prepared_stats)
+            stats["num_tokens"] = num_valid
+            stats["divergence_sum"] = total
+            self._last_stats = stats
+            scale = 1.0 / num_valid.clamp_min(1.0) if normalize else torch.ones((), device=total.device)
+            loss = total * scale
+
+        if not need_grad:
+            return loss
+        if full_grad is not None:
+            full_grad.mul_(scale.to(full_grad.dtype))
+            return _GradientInForward.apply(loss, [full_grad], full_student)
+        grads = [g.mul_(scale.to(g.dtype)) for g in grads]
+        return _GradientInForward.apply(loss, grads, *student_chunks)
+
+    def _check_vocab(self, vocab: int) -> None:
+        """Hook for hyperparameters that depend on the vocabulary size (TAD's ``top_k < V``)."""
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, num_output_chunks={self.num_output_chunks}, "
+            f"ignore_index={self.ignore_index}"
+        )
+
+
+def masked_sum(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values[valid]`` as a 0-d tensor, without indexing (no host sync)."""
+    return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+
+
+def plogq_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``p · (log p − log q)`` with ``0 · anything = 0`` (masked ``-inf`` logits give no NaN)."""
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))

@@ -1,0 +1,207 @@
+r"""Tail-Aware Distillation loss (arXiv 2602.20816, Eq. 3-6; conventions of ``docs/TAD_SPEC.md``).
+
+For one position with teacher top-K set :math:`S_K` (by teacher probability), teacher tail mass
+:math:`\alpha_T = 1 - \sum_{i \in S_K} p_{T,i}` and student mass :math:`\alpha_S` on the same tail:
+
+.. math::
+
+    D_{KL1} = \sum_{i \in S_K} p_{T,i} \log \frac{p_{T,i}}{p_{S,i}} + \alpha_T \log \frac{\alpha_T}{\alpha_S},
+    \qquad
+    D_{KL2} = \sum_{i \notin S_K} \tilde p_{T,i} \log \frac{\tilde p_{T,i}}{\tilde p_{S,i}},
+
+    L_{DIV} = D_{KL1} + w(X)\, \alpha_T\, D_{KL2}, \qquad w(X) = \frac{\beta}{\tfrac1N \sum_t \alpha_T(t)}.
+
+``KL = D_KL1 + α_T·D_KL2`` exactly (paper Eq. 3), so the code computes ``L_DIV = KL + (w − 1)·α_T·D_KL2``
+and the gradient of paper Eq. 6 in closed form, chunk by chunk, during the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tad_torchtune.losses.base import ChunkedDivergenceLoss, ChunkResult, masked_sum
+
+_NEG_INF = float("-inf")
+
+
+class _TeacherPass:
+    """Per-chunk results of the first (no-grad) teacher pass, reused by the second pass."""
+
+    __slots__ = ("lse", "topk_idx", "log_alpha", "weight")
+
+    def __init__(self, lse: torch.Tensor, topk_idx: torch.Tensor, log_alpha: torch.Tensor):
+        self.lse = lse  # [N] log-sum-exp of the teacher's logits / τ
+        self.topk_idx = topk_idx  # [N, K] teacher's top-K ids
+        self.log_alpha = log_alpha  # [N] log α_T, from log-sum-exp over the tail (never log(1 − Σ top-K))
+        self.weight: torch.Tensor | None = None  # [N] w(X) of each position's row
+
+
+class TADLoss(ChunkedDivergenceLoss):
+    r"""Tail-Aware Distillation divergence :math:`L_{DIV}` (paper Eq. 4; CE is the recipe's job).
+
+    A drop-in for torchtune's ``kd_loss`` slot (``kd_loss._component_=tad_torchtune.TADLoss``).
+
+    Args:
+        top_k (int): K, the size of the teacher's top set. Paper: 1, 5, 10 or 20 (best 5-10). Default: 10
+        beta (float): β > 0, the tail weight. Paper default 2 (β < 1 degrades). Default: 2.0
+        temperature (float): τ, divides both logits before every quantity, α included; the divergence
+            is multiplied by τ². Default: 1.0
+        normalize_beta (bool): use the sequence-normalised weight ``w(X) = β / mean_t α_T(t)`` over each
+            row's valid positions (paper default). ``False`` gives the unnormalised ``D_KL1 + β·α_T·D_KL2``,
+            which is exact KL at β = 1. Default: True
+        num_output_chunks (int): pieces a full ``[B, S, V]`` input is split into. Default: 8
+        ignore_index (int): label of ignored positions. Default: -100
+        track_topk_overlap (bool): also compute the top-K overlap between teacher and student for
+            logging (one extra top-K over the student chunk). Default: True
+
+    Shapes:
+        student ``[B, S, V]`` (or chunks ``[B, S_c, V]``), teacher ``[B, S, V_T]`` with ``V_T >= V``,
+        labels ``[B, S]``; returns a 0-d fp32 tensor.
+
+    .. note::
+        A *row* of the batch is a sequence X (TAD_SPEC §3.1): w(X) is never shared across rows,
+        micro-batches or ranks, so it needs no communication. The student's mass is always taken on the
+        *teacher's* top-K ids. Gradients flow to the student logits only.
+
+    Raises:
+        ValueError: ``top_k < 1``, ``beta <= 0``, ``temperature <= 0``; at call time ``top_k >= V`` or
+            inconsistent shapes.
+
+    Example:
+        >>> loss_fn = TADLoss(top_k=5, beta=2.0)
+        >>> student = torch.randn(2, 16, 100, requires_grad=True)
+        >>> teacher = torch.randn(2, 16, 100)
+        >>> labels = torch.randint(0, 100, (2, 16))
+        >>> loss = loss_fn(student, teacher, labels)
+        >>> loss.backward()
+        >>> sorted(loss_fn.stats())[:3]
+        ['alpha_t_mean', 'divergence_mean', 'dkl1_mean']
+    """
+
+    _needs_prepare = True
+
+    def __init__(
+        self,
+        top_k: int = 10,
+        beta: float = 2.0,
+        temperature: float = 1.0,
+        normalize_beta: bool = True,
+        num_output_chunks: int = 8,
+        ignore_index: int = -100,
+        track_topk_overlap: bool = True,
+    ):
+        super().__init__(temperature=temperature, num_output_chunks=num_output_chunks, ignore_index=ignore_index)
+        if int(top_k) != top_k or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got top_k={top_k!r}")
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got beta={beta!r} (the paper uses 2; beta < 1 degrades quickly)")
+        self.top_k = int(top_k)
+        self.beta = float(beta)
+        self.normalize_beta = bool(normalize_beta)
+        self.track_topk_overlap = bool(track_topk_overlap)
+
+    def _check_vocab(self, vocab: int) -> None:
+        if self.top_k >= vocab:
+            raise ValueError(
+                f"top_k={self.top_k} must be smaller than the vocabulary size V={vocab}, or the tail is empty"
+            )
+
+    # First pass: teacher top-K and log α_T for every position, then w(X) per row.
+    def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor) -> _TeacherPass:
+        lse = torch.logsumexp(teacher, dim=-1)
+        topk_idx = teacher.topk(self.top_k, dim=-1, sorted=False).indices
+        tail_lse = torch.logsumexp(teacher.scatter_(-1, topk_idx, _NEG_INF), dim=-1)  # teacher is our own copy
+        return _TeacherPass(lse, topk_idx, tail_lse - lse)
+
+    def _finish_prepare(
+        self, items: list[_TeacherPass], valid_chunks: list[torch.Tensor], batch_size: int
+    ) -> list[_TeacherPass]:
+        device = items[0].lse.device
+        alpha_sum = torch.zeros(batch_size, dtype=torch.float32, device=device)
+        count = torch.zeros(batch_size, dtype=torch.float32, device=device)
+        for item, valid in zip(items, valid_chunks, strict=True):
+            alpha = torch.where(valid, item.log_alpha.exp(), 0.0)
+            alpha_sum += alpha.view(batch_size, -1).sum(1)
+            count += valid.view(batch_size, -1).sum(1)
+        has_tokens = count > 0
+        if self.normalize_beta:
+            mean_alpha = alpha_sum / count.clamp_min(1.0)
+            # Clamp so a denormal mean cannot overflow w; a row whose α_T are all 0 keeps only D_KL1.
+            row_w = torch.where(mean_alpha > 0, self.beta / mean_alpha.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        else:
+            row_w = torch.full_like(alpha_sum, self.beta)
+        for item in items:
+            per_row = item.lse.numel() // batch_size
+            item.weight = row_w[:, None].expand(batch_size, per_row).reshape(-1)
+        self._prepared_stats = {
+            "w_sum": torch.where(has_tokens, row_w, 0.0).sum(),
+            "num_rows": has_tokens.sum().to(torch.float32),
+        }
+        return items
+
+    def _chunk(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        valid: torch.Tensor,
+        prepared: _TeacherPass,
+        need_grad: bool,
+    ) -> ChunkResult:
+        idx, w, log_alpha_t = prepared.topk_idx, prepared.weight, prepared.log_alpha
+        stats: dict[str, torch.Tensor] = {}
+        if self.track_topk_overlap:
+            student_idx = student.topk(self.top_k, dim=-1, sorted=False).indices
+            overlap = (idx[:, :, None] == student_idx[:, None, :]).any(-1).sum(-1).to(torch.float32) / self.top_k
+            stats["topk_overlap_sum"] = masked_sum(overlap, valid)
+            del student_idx
+
+        # Student tail mass on the teacher's top-K ids, in log space (TAD_SPEC §3.5).
+        lse_s = torch.logsumexp(student, dim=-1)
+        log_alpha_s = torch.logsumexp(student.scatter(-1, idx, _NEG_INF), dim=-1) - lse_s
+
+        # Buffers are reused in place: `teacher` -> log p_T -> elementwise KL terms; `student` -> log p_S.
+        log_ps = student.sub_(lse_s[:, None])
+        log_pt = teacher.sub_(prepared.lse[:, None])
+        pt = log_pt.exp()
+        kl_terms = log_pt.sub_(log_ps).mul_(pt).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=_NEG_INF)
+        kl = kl_terms.sum(-1)
+        topk_kl = kl_terms.gather(-1, idx).sum(-1)
+        tail_kl = kl_terms.scatter_(-1, idx, 0.0).sum(-1)  # Σ over the tail only: no cancellation
+        del kl_terms, log_pt, teacher
+
+        alpha_t = log_alpha_t.exp()
+        log_ratio = log_alpha_t - log_alpha_s  # log(α_T / α_S), finite even when α_T underflows
+        bucket = torch.where(alpha_t > 0, alpha_t * log_ratio, 0.0)
+        dkl1 = topk_kl + bucket
+        tail_term = tail_kl - bucket  # α_T · D_KL2
+        tau_sq = self.temperature**2
+        divergence = kl + (w - 1.0) * tail_term  # = D_KL1 + w·α_T·D_KL2
+        per_token = torch.where(valid, divergence * tau_sq, 0.0)
+
+        stats["dkl1_sum"] = masked_sum(dkl1, valid)
+        stats["tail_sum"] = masked_sum(tail_term, valid)
+        stats["weighted_tail_sum"] = masked_sum(w * tail_term, valid)
+        stats["kl_sum"] = masked_sum(kl, valid)
+        stats["alpha_t_sum"] = masked_sum(alpha_t, valid)
+        stats["alpha_s_sum"] = masked_sum(log_alpha_s.exp(), valid)
+
+        grad = None
+        if need_grad:
+            # Paper Eq. 6 (per unit of the scaled logits z/τ):
+            #   top-K: p_S − p_T;   tail: p_S − p_T + (w − 1)·(p_S·α_T/α_S − p_T).
+            ps = log_ps.exp()
+            tail_corr = log_ps.add_(log_ratio[:, None]).exp_().sub_(pt)  # p_S·α_T/α_S − p_T, in log_ps's buffer
+            tail_corr.scatter_(-1, idx, 0.0).mul_((w - 1.0)[:, None])
+            grad = ps.sub_(pt).add_(tail_corr)
+            # d/dz = (1/τ)·d/d(z/τ), and the divergence carries τ²; ignored positions get no gradient.
+            grad.mul_(torch.where(valid, self.temperature, 0.0)[:, None])
+        return ChunkResult(per_token, grad, stats)
+
+    def stats(self) -> dict[str, float]:
+        """Means of the last call: ``dkl1_mean``, ``tail_mean`` (α_T·D_KL2), ``weighted_tail_mean``,
+        ``kl_mean``, ``alpha_t_mean``, ``alpha_s_mean``, ``w_mean`` (per row), ``topk_overlap_mean``,
+        ``divergence_mean`` (L_DIV·τ²) and ``num_tokens``."""
+        return super().stats()
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, beta={self.beta}, normalize_beta={self.normalize_beta}, " + super().extra_repr()
