@@ -1,0 +1,679 @@
+"""``knowledge_distillation_tad``: full-parameter distillation of a student from a frozen teacher.
+
+One file for one process and for N processes. Launched plainly (``python``, ``tune run``) it trains on
+one device; under ``torchrun --nproc_per_node N`` it shards the student and the teacher with FSDP2
+(``fully_shard``; NCCL on CUDA, gloo on CPU).
+
+Per optimizer step (``gradient_accumulation_steps`` micro-batches per rank)::
+
+    N = valid next-token positions of the whole step, summed over micro-batches and ranks
+    loss = (ce_weight·ΣCE + kd_weight·ΣKD + cosine_weight·Σ(1 − cos(h_S, h_T))) / N
+
+Every term is a *sum* over valid tokens divided once by ``N``, so the gradient does not depend on how the
+global batch is split into micro-batches or ranks. With ``ce_weight = kd_weight = 1`` this is the paper's
+``CE + L_DIV`` (arXiv 2602.20816, Eq. 4 with ``kd_loss: tad_torchtune.TADLoss``).
+
+Usage::
+
+    tune run tad_torchtune.recipes.kd_tad --config configs/tiny_cpu.yaml assets_dir=/tmp/tiny
+    tune run --nproc_per_node 2 tad_torchtune.recipes.kd_tad --config configs/tiny_cpu.yaml ...
+    tad-tune run knowledge_distillation_tad --config tiny_cpu ...
+
+See ``docs/recipe.md`` for every config key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig
+from torch import nn
+from torch.utils.data import ConcatDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchtune import config, modules, training, utils
+from torchtune.config._utils import _get_component_from_path
+from torchtune.data import padded_collate_packed
+from torchtune.recipe_interfaces import FTRecipeInterface
+from tqdm import tqdm
+
+from tad_torchtune.training.checkpoint import (
+    find_latest_checkpoint,
+    load_step_checkpoint,
+    rng_state,
+    save_step_checkpoint,
+    set_rng_state,
+)
+from tad_torchtune.training.outputs import (
+    HiddenStateCapture,
+    cosine_distance_sum,
+    non_empty,
+    use_tensor_split_output,
+)
+
+log = utils.get_logger("INFO")
+
+# Keys of kd_loss.last_stats averaged per row (sequence) rather than per token.
+_PER_ROW_STATS = {"w_sum": "num_rows"}
+
+
+def _launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class KDTADRecipe(FTRecipeInterface):
+    """Full-parameter knowledge distillation with TAD (or any ``tad_torchtune`` divergence).
+
+    Usable in-process: ``r = KDTADRecipe(cfg); r.setup(cfg); r.train(); r.cleanup()``. After ``train``,
+    ``r.metrics_history`` holds one dict of metrics per optimizer step (all ranks agree on the values).
+
+    Args:
+        cfg (DictConfig): the recipe config (``docs/recipe.md``).
+
+    Raises:
+        ValueError: inconsistent loss weights, bad dtype, unsupported values (each message names the key).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        # --- distributed: only when launched by torchrun (or a process group already exists) ---
+        self._owns_process_group = False
+        if _launched_by_torchrun() and not dist.is_initialized():
+            device_type = "cuda" if str(cfg.device).startswith("cuda") else str(cfg.device)
+            dist.init_process_group(backend=training.get_distributed_backend(device_type))
+            self._owns_process_group = True
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self.world_size, self.rank = (dist.get_world_size(), dist.get_rank()) if self._distributed else (1, 0)
+        self._is_rank_zero = self.rank == 0
+
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        if self._dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be fp32 or bf16, got dtype={cfg.dtype!r}")
+        self._output_dir = Path(cfg.output_dir)
+        self._log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
+        self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
+
+        # --- loss weights: (ce_weight, kd_weight) or torchtune's kd_ratio, never both inconsistently ---
+        self._ce_weight, self._kd_weight = _loss_weights(cfg)
+        self._cosine_weight = float(cfg.get("cosine_weight", 0.0))
+        if self._cosine_weight < 0:
+            raise ValueError(f"cosine_weight must be >= 0, got {self._cosine_weight}")
+        self._use_teacher = self._kd_weight != 0 or self._cosine_weight != 0
+
+        # --- training loop ---
+        self.seed = training.set_seed(seed=cfg.seed)
+        self._seed = int(cfg.seed) if cfg.seed is not None else self.seed
+        self.total_epochs = int(cfg.epochs)
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
+        self._gradient_accumulation_steps = int(cfg.gradient_accumulation_steps)
+        if self._gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self._gradient_accumulation_steps}")
+        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        self._keep_last_n = cfg.get("keep_last_n_checkpoints", 2)
+        self._resume = cfg.get("resume_from_checkpoint", False)
+        self._compile = bool(cfg.get("compile", False))
+        self._checkpoint_root = self._output_dir / "checkpoints"
+
+        self.global_step = 0
+        self.epochs_run = 0
+        self._steps_in_epoch = 0  # optimizer steps already taken in the current epoch (mid-epoch resume)
+        self.metrics_history: list[dict[str, float]] = []
+        self._hidden_student: HiddenStateCapture | None = None
+        self._hidden_teacher: HiddenStateCapture | None = None
+        self._metric_logger = None
+
+    # ------------------------------------------------------------------------------------------------
+    # setup
+    def setup(self, cfg: DictConfig) -> None:
+        """Builds everything: logger, tokenizer, student, teacher, losses, optimizer, data, scheduler; resumes."""
+        if self._is_rank_zero:
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
+
+        resume_state = self._find_resume_state(cfg)
+
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._kd_loss = config.instantiate(cfg.kd_loss) if cfg.get("kd_loss") is not None else None
+        self._ignore_index, self._num_output_chunks = self._setup_loss(cfg)
+
+        self._checkpointer = None
+        if cfg.get("checkpointer") is not None:
+            # Our own step checkpoints handle resuming; the torchtune checkpointer only loads the initial
+            # student and writes the final one in its format (it must load first: HF needs its weight map).
+            self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
+            student_sd = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        else:
+            student_sd = None
+        self._model = self._setup_model(
+            cfg_model=cfg.model,
+            model_state_dict=student_sd,
+            enable_activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
+            freeze=list(cfg.get("freeze", None) or []),
+            custom_sharded_layers=cfg.get("custom_sharded_layers", None),
+        )
+        del student_sd
+
+        self._teacher_model = None
+        if self._use_teacher:
+            teacher_checkpointer = config.instantiate(cfg.teacher_checkpointer, resume_from_checkpoint=False)
+            teacher_sd = teacher_checkpointer.load_checkpoint()[training.MODEL_KEY]
+            self._teacher_model = self._setup_teacher_model(cfg.teacher_model, teacher_sd)
+            del teacher_sd
+        elif self._is_rank_zero:
+            log.info("kd_weight and cosine_weight are 0: training on CE only, the teacher is not loaded")
+
+        if self._cosine_weight > 0:
+            self._setup_hidden_capture(cfg)
+
+        self._optimizer = self._setup_optimizer(cfg.optimizer, resume_state)
+        self._dataloader, self._sampler = self._setup_data(
+            cfg_dataset=cfg.dataset,
+            shuffle=bool(cfg.shuffle),
+            batch_size=int(cfg.batch_size),
+            collate_fn=cfg.get("collate_fn", "torchtune.data.padded_collate_sft"),
+        )
+        num_batches = len(self._dataloader)
+        self._steps_per_epoch = num_batches // self._gradient_accumulation_steps
+        if self.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, int(self.max_steps_per_epoch))
+        if self._steps_per_epoch < 1:
+            raise ValueError(
+                f"the dataset gives {num_batches} batches per rank (batch_size={cfg.batch_size}, world size "
+                f"{self.world_size}), fewer than gradient_accumulation_steps={self._gradient_accumulation_steps}: "
+                "no optimizer step is possible; use more data or a smaller batch"
+            )
+        self._total_steps = self.total_epochs * self._steps_per_epoch
+        self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler", None), self._total_steps)
+
+        if resume_state is not None:
+            self._load_resume_state(*resume_state)
+        if self._is_rank_zero:
+            n_train = sum(p.numel() for p in self._model.parameters() if p.requires_grad)
+            n_all = sum(p.numel() for p in self._model.parameters())
+            log.info(
+                f"student: {n_train:,} trainable of {n_all:,} parameters; {self._steps_per_epoch} steps/epoch x "
+                f"{self.total_epochs} epochs; world size {self.world_size}; loss = {self._ce_weight}*CE + "
+                f"{self._kd_weight}*KD + {self._cosine_weight}*cosine"
+            )
+
+    def _setup_loss(self, cfg: DictConfig) -> tuple[int, int]:
+        """Reads ``loss`` (CE) and ``kd_loss``; returns (ignore_index, num_output_chunks) shared by both."""
+        ce = config.instantiate(cfg.loss) if cfg.get("loss") is not None else None
+        ignore_index = getattr(ce, "ignore_index", -100)
+        chunks_ce = getattr(ce, "num_output_chunks", None)
+        chunks = getattr(self._kd_loss, "num_output_chunks", None) or chunks_ce or 8
+        if chunks_ce is not None and self._kd_loss is not None and chunks_ce != chunks:
+            raise ValueError(
+                f"loss.num_output_chunks={chunks_ce} differs from kd_loss.num_output_chunks={chunks}; set both to "
+                "the same value (the models emit one set of chunks for both losses)"
+            )
+        if self._kd_loss is not None and getattr(self._kd_loss, "ignore_index", ignore_index) != ignore_index:
+            raise ValueError(
+                f"loss.ignore_index={ignore_index} differs from kd_loss.ignore_index={self._kd_loss.ignore_index}"
+            )
+        if self._kd_weight != 0 and self._kd_loss is None:
+            raise ValueError(
+                f"kd_weight={self._kd_weight} but no kd_loss is configured; add kd_loss or set kd_weight: 0"
+            )
+        return int(ignore_index), int(chunks)
+
+    def _full_state_dict_or_random(self, cfg_model: DictConfig, state_dict: dict | None) -> dict:
+        if state_dict is not None:
+            return state_dict
+        # Random init (pretraining from scratch): the same weights on every rank, without touching global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._seed)
+            with training.set_default_dtype(self._dtype):
+                return config.instantiate(cfg_model).state_dict()
+
+    def _build(
+        self,
+        cfg_model: DictConfig,
+        state_dict: dict[str, Any],
+        enable_activation_checkpointing: bool,
+        custom_sharded_layers: list[str] | None,
+        freeze: list[str] | None = None,
+        reshard_after_forward: bool = True,
+    ) -> nn.Module:
+        """Instantiates a model, applies compile / AC / freezing / FSDP2 and loads ``state_dict`` (strict)."""
+        if not self._distributed:
+            with training.set_default_dtype(self._dtype), self._device:
+                model = config.instantiate(cfg_model)
+            model.load_state_dict(state_dict, strict=True)
+        else:
+            with training.set_default_dtype(self._dtype), torch.device("meta"):
+                model = config.instantiate(cfg_model)
+        if freeze:
+            _freeze(model, freeze)
+        if self._compile:
+            training.compile_model(model, verbose=self._is_rank_zero)
+        if enable_activation_checkpointing:
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        if self._distributed:
+            mesh = dist.device_mesh.init_device_mesh(self._device.type, (self.world_size,))
+            training.shard_model(
+                model=model,
+                shard_conditions=[partial(training.get_shard_conditions, names_to_match=custom_sharded_layers)],
+                cpu_offload=False,
+                reshard_after_forward=reshard_after_forward,
+                dp_mesh=mesh,
+            )
+            with training.set_default_dtype(self._dtype), self._device:
+                for m in model.modules():
+                    if hasattr(m, "rope_init"):
+                        m.rope_init()
+            training.load_from_full_model_state_dict(model, state_dict, self._device, strict=True)
+            training.validate_no_params_on_meta_device(model)
+        use_tensor_split_output(model, self._num_output_chunks)
+        return model
+
+    def _setup_model(
+        self,
+        cfg_model: DictConfig,
+        model_state_dict: dict | None,
+        enable_activation_checkpointing: bool,
+        freeze: list[str],
+        custom_sharded_layers: list[str] | None = None,
+    ) -> nn.Module:
+        """The trainable student (random init when no checkpointer is configured)."""
+        sd = self._full_state_dict_or_random(cfg_model, model_state_dict)
+        model = self._build(cfg_model, sd, enable_activation_checkpointing, custom_sharded_layers, freeze=freeze)
+        model.train()
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"freeze={freeze} froze every student parameter; nothing would train")
+        return model
+
+    def _setup_teacher_model(self, cfg_model: DictConfig, model_state_dict: dict) -> nn.Module:
+        """The frozen teacher: eval mode, no gradients, same sharding as the student."""
+        model = self._build(cfg_model, model_state_dict, False, None)
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def _setup_hidden_capture(self, cfg: DictConfig) -> None:
+        raw = cfg.get("hidden_layer_map", None)
+        if raw is None:
+            pairs = [(-1, -1)]
+        elif isinstance(raw, (DictConfig, dict)):
+            pairs = [(int(k), int(v)) for k, v in raw.items()]
+        else:
+            pairs = [(int(p[0]), int(p[1])) for p in raw]
+        if not pairs:
+            raise ValueError("hidden_layer_map is empty but cosine_weight > 0; map at least one student layer")
+        self._hidden_student = HiddenStateCapture(self._model, [s for s, _ in pairs])
+        self._hidden_teacher = HiddenStateCapture(self._teacher_model, [t for _, t in pairs])
+
+    def _setup_optimizer(self, cfg_optimizer: DictConfig, resume_state: tuple | None) -> torch.optim.Optimizer:
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        kwargs: dict[str, Any] = {}
+        if cfg_optimizer.get("_component_") == "torch.optim.AdamW" and "fused" not in cfg_optimizer:
+            # Fused AdamW where available (CUDA); plain foreach elsewhere.
+            if self._device.type == "cuda" and "foreach" not in cfg_optimizer:
+                kwargs["fused"] = True
+        return config.instantiate(cfg_optimizer, params, **kwargs)
+
+    def _setup_lr_scheduler(self, cfg_lr: DictConfig | None, num_training_steps: int):
+        if cfg_lr is None:
+            return None
+        return config.instantiate(cfg_lr, self._optimizer, num_training_steps=num_training_steps, last_epoch=-1)
+
+    def _setup_data(
+        self, cfg_dataset: DictConfig | ListConfig, shuffle: bool, batch_size: int, collate_fn: str
+    ) -> tuple[StatefulDataLoader, StatefulDistributedSampler]:
+        """Dataset(s) through torchtune's builders; each rank reads its share via a stateful sampler."""
+        if isinstance(cfg_dataset, ListConfig):
+            parts = [config.instantiate(c, self._tokenizer) for c in cfg_dataset]
+            shifted = [bool(getattr(p, "shifted_labels", False)) for p in parts]
+            if len(set(shifted)) > 1:
+                raise ValueError(
+                    "dataset parts disagree on shifted_labels (some return next-token labels, some unshifted); "
+                    "use datasets of one kind in one run"
+                )
+            ds = ConcatDataset(parts)
+            packed = any(bool(c.get("packed", False)) for c in cfg_dataset)
+            self._labels_shifted = shifted[0]
+        else:
+            ds = config.instantiate(cfg_dataset, self._tokenizer)
+            packed = bool(cfg_dataset.get("packed", False))
+            self._labels_shifted = bool(getattr(ds, "shifted_labels", False))
+        sampler = StatefulDistributedSampler(
+            ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self._seed
+        )
+        pad_id = getattr(self._tokenizer, "pad_id", 0)
+        collate = (
+            padded_collate_packed
+            if packed
+            else partial(_get_component_from_path(collate_fn), padding_idx=pad_id, ignore_idx=self._ignore_index)
+        )
+        # drop_last: every rank and every step sees full micro-batches (equal work, equal shapes).
+        dataloader = StatefulDataLoader(
+            dataset=ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True
+        )
+        return dataloader, sampler
+
+    # ------------------------------------------------------------------------------------------------
+    # checkpoints
+    def _find_resume_state(self, cfg: DictConfig) -> tuple | None:
+        if not self._resume:
+            return None
+        path = find_latest_checkpoint(self._checkpoint_root) if self._resume is True else Path(str(self._resume))
+        if path is None:
+            if self._is_rank_zero:
+                log.warning(
+                    f"resume_from_checkpoint: no complete checkpoint under {self._checkpoint_root}; "
+                    "starting from step 0"
+                )
+            return None
+        if self._is_rank_zero:
+            log.info(f"resuming from {path}")
+        return (path, *load_step_checkpoint(path))
+
+    def _load_resume_state(self, path: Path, model_sd: dict, optim_sd: dict, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"{path} was written by {state['world_size']} processes but this run has {self.world_size}; "
+                "resume with the same number of processes"
+            )
+        if self._distributed:
+            training.load_from_full_model_state_dict(self._model, dict(model_sd), self._device, strict=True)
+            training.load_from_full_optimizer_state_dict(self._model, self._optimizer, optim_sd, self._device)
+        else:
+            self._model.load_state_dict(model_sd, strict=True)
+            self._optimizer.load_state_dict(optim_sd)
+        if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = int(state["global_step"])
+        self.epochs_run = int(state["epochs_run"])
+        self._steps_in_epoch = int(state["steps_in_epoch"])
+        if self._steps_in_epoch > 0:
+            self._dataloader.load_state_dict(state["dataloader"][self.rank])
+        set_rng_state(state["rng"][self.rank])
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        """Writes a resumable step checkpoint (rank 0, atomically); with ``final`` also the student in the
+        checkpointer's format (HF when the input was HF) under ``output_dir/epoch_{n}``.
+
+        Under FSDP2 the full state is gathered to CPU on rank 0 (fine up to a few billion parameters).
+        """
+        if self._distributed:
+            model_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+            optim_sd = training.get_full_optimizer_state_dict(
+                self._model, self._optimizer, self._is_rank_zero, device=self._device
+            )
+            per_rank = [None] * self.world_size
+            dist.all_gather_object(per_rank, {"dataloader": self._dataloader.state_dict(), "rng": rng_state()})
+        else:
+            model_sd = {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
+            optim_sd = self._optimizer.state_dict()
+            per_rank = [{"dataloader": self._dataloader.state_dict(), "rng": rng_state()}]
+        if self._is_rank_zero:
+            recipe_state = {
+                "global_step": self.global_step,
+                "epochs_run": self.epochs_run,
+                "steps_in_epoch": self._steps_in_epoch,
+                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
+                "dataloader": [r["dataloader"] for r in per_rank],
+                "rng": [r["rng"] for r in per_rank],
+                "world_size": self.world_size,
+                "seed": self._seed,
+            }
+            path = save_step_checkpoint(
+                self._checkpoint_root, self.global_step, model_sd, optim_sd, recipe_state, keep_last_n=self._keep_last_n
+            )
+            log.info(f"saved step checkpoint {path}")
+            if final:
+                self._save_final(model_sd)
+        if self._distributed:
+            dist.barrier()
+
+    def _save_final(self, model_sd: dict[str, torch.Tensor]) -> None:
+        epoch = max(self.epochs_run - 1, 0)
+        if self._checkpointer is not None:
+            self._checkpointer.save_checkpoint(
+                {training.MODEL_KEY: model_sd}, epoch=epoch, intermediate_checkpoint=False
+            )
+        else:
+            out = self._output_dir / f"epoch_{epoch}"
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(model_sd, out / "model.pt")
+            log.info(f"saved final student (torchtune format, random-init run) to {out / 'model.pt'}")
+
+    # ------------------------------------------------------------------------------------------------
+    # training
+    def _prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Moves a batch to the device and shifts labels to next-token labels unless the dataset did."""
+        batch = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if not self._labels_shifted:
+            labels = batch["labels"]
+            pad = torch.full_like(labels[:, :1], self._ignore_index)
+            batch["labels"] = torch.cat([labels[:, 1:], pad], dim=1)
+        return batch
+
+    def _loss_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward of teacher and student on one micro-batch.
+
+        Args:
+            batch (dict): ``tokens [B, S]``, next-token ``labels [B, S]`` (already shifted), optional
+                ``mask``/``input_pos`` (packed data).
+
+        Returns:
+            dict: 0-d sums over the micro-batch's valid tokens: ``weighted`` (differentiable), ``ce``, ``kd``,
+            ``cosine`` (detached), plus ``kd_stats`` (the divergence's ``last_stats``).
+        """
+        tokens, labels = batch["tokens"], batch["labels"]
+        model_kwargs = {k: batch[k] for k in ("mask", "input_pos") if k in batch}
+        valid = labels != self._ignore_index
+        zero = torch.zeros((), device=self._device)
+
+        teacher_logits = teacher_hidden = None
+        if self._teacher_model is not None:
+            with torch.no_grad():
+                teacher_logits = non_empty(self._teacher_model(tokens, **model_kwargs))
+                if self._hidden_teacher is not None:
+                    teacher_hidden = self._hidden_teacher.pop()
+        student_logits = non_empty(self._model(tokens, **model_kwargs))
+        label_chunks = labels.split([c.size(1) for c in student_logits], dim=1)
+
+        ce = sum(
+            F.cross_entropy(lg.float().flatten(0, 1), lb.flatten(), ignore_index=self._ignore_index, reduction="sum")
+            for lg, lb in zip(student_logits, label_chunks, strict=True)
+        )
+        weighted = self._ce_weight * ce
+        kd, kd_stats = zero, {}
+        if self._kd_weight != 0:
+            kd = self._kd_loss(student_logits, teacher_logits, labels, normalize=False)
+            kd_stats = dict(self._kd_loss.last_stats)
+            weighted = weighted + self._kd_weight * kd
+        del teacher_logits  # free the teacher's logits before the student's backward
+        cos = zero
+        if self._hidden_student is not None:
+            student_hidden = self._hidden_student.pop()
+            cos = sum(cosine_distance_sum(s, t, valid) for s, t in zip(student_hidden, teacher_hidden, strict=True))
+            weighted = weighted + self._cosine_weight * cos
+            del teacher_hidden
+        return {
+            "weighted": weighted,
+            "ce": ce.detach(),
+            "kd": kd.detach(),
+            "cosine": cos.detach(),
+            "kd_stats": kd_stats,
+        }
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self._distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def _next_micro_batches(self, it) -> list[dict[str, torch.Tensor]]:
+        return [self._prepare_batch(next(it)) for _ in range(self._gradient_accumulation_steps)]
+
+    def train(self) -> None:
+        """Runs the epochs; checkpoints every ``save_every_n_steps`` and at the end."""
+        if self._device.type == "cuda":
+            training.cleanup_before_training()
+        self._optimizer.zero_grad(set_to_none=True)
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        pbar = tqdm(total=self._total_steps, initial=self.global_step, disable=not self._is_rank_zero)
+        while self.epochs_run < self.total_epochs:
+            self._sampler.set_epoch(self.epochs_run)
+            it = iter(self._dataloader)
+            while self._steps_in_epoch < self._steps_per_epoch:
+                t0 = time.perf_counter()
+                micro = self._next_micro_batches(it)
+                # N: valid tokens of the whole step on all ranks, known before any backward.
+                local_tokens = sum((b["labels"] != self._ignore_index).sum() for b in micro).float()
+                num_tokens = self._all_reduce(local_tokens.clone())
+                # FSDP2 averages gradients over ranks; multiply back so the gradient is Σ/N exactly.
+                scale = self.world_size / num_tokens.clamp_min(1.0)
+                sums = {"ce": 0.0, "kd": 0.0, "cosine": 0.0}
+                stats: dict[str, torch.Tensor] = {}
+                for batch in micro:
+                    out = self._loss_step(batch)
+                    (out["weighted"] * scale).backward()
+                    for k in sums:
+                        sums[k] = sums[k] + out[k]
+                    for k, v in out["kd_stats"].items():
+                        stats[k] = stats[k] + v.detach() if k in stats else v.detach()
+                    del out
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, max_norm=float(self._clip_grad_norm) if self._clip_grad_norm else float("inf")
+                )
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                if float(num_tokens) > 0:
+                    self._optimizer.step()
+                elif self._is_rank_zero:
+                    log.warning(f"step {self.global_step + 1}: every label is ignored; optimizer step skipped")
+                self._optimizer.zero_grad(set_to_none=True)
+                if self._lr_scheduler is not None:
+                    self._lr_scheduler.step()
+                self.global_step += 1
+                self._steps_in_epoch += 1
+                metrics = self._step_metrics(sums, stats, num_tokens, local_tokens, grad_norm, time.perf_counter() - t0)
+                self.metrics_history.append(metrics)
+                if self._is_rank_zero:
+                    pbar.update(1)
+                    pbar.set_description(f"{self.epochs_run + 1}|{self.global_step}|loss: {metrics['loss']:.4f}")
+                    if self.global_step % self._log_every_n_steps == 0:
+                        self._metric_logger.log_dict(metrics, step=self.global_step)
+                last = self.epochs_run == self.total_epochs - 1 and self._steps_in_epoch == self._steps_per_epoch
+                if self._save_every_n_steps and self.global_step % int(self._save_every_n_steps) == 0 and not last:
+                    self.save_checkpoint()
+            self.epochs_run += 1
+            self._steps_in_epoch = 0
+        pbar.close()
+        self.save_checkpoint(final=True)
+
+    def _step_metrics(
+        self,
+        sums: dict[str, torch.Tensor],
+        stats: dict[str, torch.Tensor],
+        num_tokens: torch.Tensor,
+        local_tokens: torch.Tensor,
+        grad_norm: torch.Tensor,
+        seconds: float,
+    ) -> dict[str, float]:
+        """All-reduced step metrics (one collective): means per valid token of the whole step."""
+        keys = sorted(stats)
+        vec = torch.stack(
+            [torch.as_tensor(sums[k], device=self._device, dtype=torch.float32) for k in sums]
+            + [stats[k].float().to(self._device) for k in keys]
+        )
+        vec = self._all_reduce(vec).tolist()
+        n = max(float(num_tokens), 1.0)
+        ce, kd, cos = (v / n for v in vec[:3])
+        reduced = dict(zip(keys, vec[3:], strict=True))
+        metrics = {
+            "loss": self._ce_weight * ce + self._kd_weight * kd + self._cosine_weight * cos,
+            "ce_loss": ce,
+            "kd_loss": kd,
+        }
+        if self._cosine_weight > 0:
+            metrics["cosine_loss"] = cos
+        for key, value in reduced.items():
+            if key in ("num_tokens", "num_rows", "divergence_sum"):
+                continue
+            denom = reduced.get(_PER_ROW_STATS.get(key, "num_tokens"), n)
+            metrics[key.removesuffix("_sum") + "_mean"] = value / max(denom, 1.0)
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["lr"] = float(self._optimizer.param_groups[0]["lr"])
+        metrics["num_tokens"] = float(num_tokens)
+        metrics["tokens_per_second_per_gpu"] = float(local_tokens) / max(seconds, 1e-9)
+        if self._log_peak_memory_stats:
+            if self._device.type == "cuda":
+                metrics["peak_memory_alloc_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
+                metrics["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self._device) / 2**30
+            else:
+                metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return metrics
+
+    def cleanup(self) -> None:
+        """Closes the logger, removes hooks, and ends the process group if this recipe started it."""
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+        for cap in (self._hidden_student, self._hidden_teacher):
+            if cap is not None:
+                cap.remove()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _loss_weights(cfg: DictConfig) -> tuple[float, float]:
+    """(ce_weight, kd_weight) from the config; torchtune's ``kd_ratio`` r means (1 - r, r)."""
+    has_weights = "ce_weight" in cfg or "kd_weight" in cfg
+    ce_w, kd_w = float(cfg.get("ce_weight", 1.0)), float(cfg.get("kd_weight", 1.0))
+    if cfg.get("kd_ratio", None) is not None:
+        r = float(cfg.kd_ratio)
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"kd_ratio must be in [0, 1], got kd_ratio={r}")
+        if has_weights and (not math.isclose(ce_w, 1 - r) or not math.isclose(kd_w, r)):
+            raise ValueError(
+                f"kd_ratio={r} means ce_weight={1 - r}, kd_weight={r}, but the config also sets ce_weight={ce_w}, "
+                f"kd_weight={kd_w}; give either kd_ratio or ce_weight/kd_weight"
+            )
+        ce_w, kd_w = 1.0 - r, r
+    if ce_w < 0 or kd_w < 0:
+        raise ValueError(f"ce_weight and kd_weight must be >= 0, got ce_weight={ce_w}, kd_weight={kd_w}")
+    return ce_w, kd_w
+
+
+def _freeze(model: nn.Module, patterns: list[str]) -> None:
+    """``requires_grad_(False)`` on parameters whose name contains any pattern (regular expressions)."""
+    import re
+
+    matched = set()
+    for name, p in model.named_parameters():
+        for pat in patterns:
+            if re.search(pat, name):
+                p.requires_grad_(False)
+                matched.add(pat)
+    unmatched = [p for p in patterns if p not in matched]
+    if unmatched:
+        raise ValueError(f"freeze patterns {unmatched} match no student parameter (names look like 'layers.0.attn...')")
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: ``python -m tad_torchtune.recipes.kd_tad --config X [key=value ...]``."""
+    config.log_config(recipe_name="KDTADRecipe", cfg=cfg)
+    recipe = KDTADRecipe(cfg=cfg)
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
