@@ -1,1 +1,39 @@
-"""Model builders, converters, student-from-teacher init, HF export and the memory plan."""
+"""Model builders, HF checkpoint conversion, student-from-teacher init, HF export and the memory plan.
+
+Every builder here is usable from YAML by ``_component_`` path, e.g.
+``model._component_: tad_torchtune.models.phi2_2_7b``; checkpoints load with
+``checkpointer._component_: tad_torchtune.models.HFCheckpointer`` (torchtune's HF checkpointer plus
+``model_type: PHI2`` and a corrected ``GEMMA2``). See ``docs/models.md``.
+"""
+
+from tad_torchtune.models.builders import (
+    llama2_7b,
+    phi3_medium,
+    phi3_mini,
+    qwen1_5_0_5b,
+    qwen1_5_1_8b,
+    qwen2_5_3b,
+    tinyllama_1_1b,
+)
+from tad_torchtune.models.checkpointer import HFCheckpointer
+from tad_torchtune.models.gemma2 import gemma2, gemma2_2b, gemma2_9b
+from tad_torchtune.models.phi2 import phi2, phi2_2_7b
+from tad_torchtune.models.student_init import init_student_from_teacher, select_layers
+
+__all__ = [
+    "HFCheckpointer",
+    "gemma2",
+    "gemma2_2b",
+    "gemma2_9b",
+    "init_student_from_teacher",
+    "llama2_7b",
+    "phi2",
+    "phi2_2_7b",
+    "phi3_medium",
+    "phi3_mini",
+    "qwen1_5_0_5b",
+    "qwen1_5_1_8b",
+    "qwen2_5_3b",
+    "select_layers",
+    "tinyllama_1_1b",
+]
