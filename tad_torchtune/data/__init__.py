@@ -1,0 +1,27 @@
+"""Data for distillation at the paper's scale: token files, packed windows, ORCAMEL, vocabulary checks.
+
+YAML builders (``_component_``): :func:`packed_token_dataset`, :func:`orcamel_dataset`,
+:func:`instruction_dataset`. Pre-tokenisation: :func:`write_token_file` / ``tad-tune tokenize``.
+Start-up check: :func:`check_vocab_alignment`. See ``docs/data.md``.
+"""
+
+from tad_torchtune.data._tokenizers import load_tokenizer
+from tad_torchtune.data.orcamel import InstructionDataset, instruction_dataset, orcamel_dataset
+from tad_torchtune.data.packed import PackedTokenDataset, packed_token_dataset
+from tad_torchtune.data.token_file import open_token_file, read_meta, write_token_file
+from tad_torchtune.data.vocab import VocabAlignmentReport, VocabMismatchError, check_vocab_alignment
+
+__all__ = [
+    "InstructionDataset",
+    "PackedTokenDataset",
+    "VocabAlignmentReport",
+    "VocabMismatchError",
+    "check_vocab_alignment",
+    "instruction_dataset",
+    "load_tokenizer",
+    "open_token_file",
+    "orcamel_dataset",
+    "packed_token_dataset",
+    "read_meta",
+    "write_token_file",
+]
