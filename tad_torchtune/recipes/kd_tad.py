@@ -396,6 +396,9 @@ class KDTADRecipe(FTRecipeInterface):
         self.global_step = int(state["global_step"])
         self.epochs_run = int(state["epochs_run"])
         self._steps_in_epoch = int(state["steps_in_epoch"])
+        if self._steps_in_epoch >= self._steps_per_epoch:
+            # Saved after an epoch's last step: continue with a fresh epoch, not the old iterator's position.
+            self.epochs_run, self._steps_in_epoch = self.epochs_run + 1, 0
         if self._steps_in_epoch > 0:
             self._dataloader.load_state_dict(state["dataloader"][self.rank])
         set_rng_state(state["rng"][self.rank])
