@@ -19,9 +19,21 @@ from tad_torchtune.models.checkpointer import HFCheckpointer
 from tad_torchtune.models.gemma2 import gemma2, gemma2_2b, gemma2_9b
 from tad_torchtune.models.phi2 import phi2, phi2_2_7b
 from tad_torchtune.models.student_init import init_student_from_teacher, select_layers
+from tad_torchtune.models.students import (
+    gemma2_student_2b,
+    phi2_student_1_1b,
+    qwen1_5_student_0_5b,
+    qwen1_5_student_1_2b,
+    qwen2_5_student_1_2b,
+)
 
 __all__ = [
     "HFCheckpointer",
+    "gemma2_student_2b",
+    "phi2_student_1_1b",
+    "qwen1_5_student_0_5b",
+    "qwen1_5_student_1_2b",
+    "qwen2_5_student_1_2b",
     "gemma2",
     "gemma2_2b",
     "gemma2_9b",

@@ -300,34 +300,16 @@ def gemma2(
 
 def gemma2_9b(max_seq_len: int = 8192, attn_impl: str = "eager") -> TransformerDecoder:
     """Gemma-2-9B (``google/gemma-2-9b``): 42 layers, D=3584, 16/8 heads of 256, FFN 14336, V=256000."""
-    return gemma2(
-        vocab_size=256_000,
-        num_layers=42,
-        num_heads=16,
-        head_dim=256,
-        num_kv_heads=8,
-        embed_dim=3584,
-        intermediate_dim=14336,
-        max_seq_len=max_seq_len,
-        query_pre_attn_scalar=256,
-        attn_impl=attn_impl,
-    )
+    from tad_torchtune.models.registry import build
+
+    return build("gemma2_9b", max_seq_len=max_seq_len, attn_impl=attn_impl)
 
 
 def gemma2_2b(max_seq_len: int = 8192, attn_impl: str = "eager") -> TransformerDecoder:
     """Gemma-2-2B (``google/gemma-2-2b``): 26 layers, D=2304, 8/4 heads of 256, FFN 9216, V=256000."""
-    return gemma2(
-        vocab_size=256_000,
-        num_layers=26,
-        num_heads=8,
-        head_dim=256,
-        num_kv_heads=4,
-        embed_dim=2304,
-        intermediate_dim=9216,
-        max_seq_len=max_seq_len,
-        query_pre_attn_scalar=256,
-        attn_impl=attn_impl,
-    )
+    from tad_torchtune.models.registry import build
+
+    return build("gemma2_2b", max_seq_len=max_seq_len, attn_impl=attn_impl)
 
 
 _FROM_HF = {

@@ -148,14 +148,9 @@ def phi2(
 
 def phi2_2_7b(max_seq_len: int = 2048) -> TransformerDecoder:
     """Phi-2 (``microsoft/phi-2``, 2.78B): 32 layers, D=2560, 32 heads, FFN 10240, V=51200."""
-    return phi2(
-        vocab_size=51_200,
-        num_layers=32,
-        num_heads=32,
-        embed_dim=2560,
-        intermediate_dim=10_240,
-        max_seq_len=max_seq_len,
-    )
+    from tad_torchtune.models.registry import build
+
+    return build("phi2_2_7b", max_seq_len=max_seq_len)
 
 
 _FROM_HF = {
