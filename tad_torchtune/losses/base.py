@@ -57,8 +57,10 @@ class _GradientInForward(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grads = ctx.grads
         ctx.grads = None  # free the buffers as soon as autograd has them
-        # The buffers are ours alone: scale in place instead of allocating a second copy.
-        grads = [g.mul_(grad_output.to(g.dtype)) for g in grads]
+        # The buffers are ours alone: scale in place instead of allocating a second copy, and skip the
+        # pass over [N, V] entirely for the common `loss.backward()` (grad_output == 1).
+        if not (grad_output.numel() == 1 and bool(grad_output == 1)):
+            grads = [g.mul_(grad_output.to(g.dtype)) for g in grads]
         return (None, None, *grads)
 
 
@@ -91,13 +93,17 @@ class ChunkedDivergenceLoss(nn.Module):
         self.num_output_chunks = int(num_output_chunks)
         self.ignore_index = int(ignore_index)
         self._last_stats: dict[str, torch.Tensor] = {}
+        # Scratch [rows, V] fp32 buffers live for one forward call and are reused by every chunk: on CPU a
+        # fresh large tensor costs page faults on first touch (often more than the arithmetic on it).
+        self._workspace: dict[str, torch.Tensor] | None = None
+        self._workspace_rows = 0
 
     # ----------------------------------------------------------------------------------------------
     # What a subclass provides
     _needs_prepare: bool = False
 
     def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor) -> Any:
-        """First pass, one teacher chunk (``[N, V]`` fp32 / τ), no grad; only when ``_needs_prepare``."""
+        """First pass, one teacher chunk (``[N, V]`` fp32 / τ, read-only), no grad; only when ``_needs_prepare``."""
         return None
 
     def _finish_prepare(self, items: list[Any], valid_chunks: list[torch.Tensor], batch_size: int) -> list[Any]:
@@ -111,17 +117,47 @@ class ChunkedDivergenceLoss(nn.Module):
         valid: torch.Tensor,
         prepared: Any,
         need_grad: bool,
+        grad_scale: torch.Tensor | float = 1.0,
     ) -> ChunkResult:
         """Divergence on one chunk.
 
         Args:
-            student (torch.Tensor): ``[N, V]`` fp32 student logits already divided by τ.
+            student (torch.Tensor): ``[N, V]`` fp32 student logits already divided by τ. Read-only (it may
+                be a view of the caller's tensor); write into :meth:`_buffer` scratch instead.
             teacher (torch.Tensor): ``[N, V]`` fp32 teacher logits already divided by τ (vocabulary cut).
+                Read-only.
             valid (torch.Tensor): ``[N]`` bool, positions whose label is not ``ignore_index``.
             prepared (Any): this chunk's item from ``_prepare``.
             need_grad (bool): whether to return the gradient.
+            grad_scale (torch.Tensor | float): 0-d factor folded into the returned gradient (the base passes
+                ``1 / num_tokens`` so no extra pass over ``[N, V]`` is needed to normalise). Default: 1.0
+
+        Returns:
+            ChunkResult: ``grad`` is ``grad_scale · d(per_token.sum())/d(unscaled logits)``, zero on ignored
+            rows; it may be a scratch buffer, valid until the next chunk.
         """
         raise NotImplementedError
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A ``[N, V]`` fp32 scratch buffer with the shape of ``like`` (``[N, V]``), reused across the chunks of
+        one call; a fresh tensor outside :meth:`forward` (e.g. when another module drives ``_chunk``)."""
+        return self._buffer_of(name, like.size(0), like.size(1), like.device)
+
+    def _buffer_of(self, name: str, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        """As :meth:`_buffer`, from the shape and device."""
+        if self._workspace is None:
+            return torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        buf = self._workspace.get(name)
+        if buf is None or buf.size(1) != vocab or buf.size(0) < rows or buf.device != device:
+            buf = torch.empty(max(rows, self._workspace_rows), vocab, dtype=torch.float32, device=device)
+            self._workspace[name] = buf
+        return buf[:rows]
+
+    def _owned(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is one of this call's scratch buffers (so a subclass may overwrite it)."""
+        if self._workspace is None:
+            return False
+        return any(t.data_ptr() == b.data_ptr() for b in self._workspace.values())
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -248,52 +284,72 @@ class ChunkedDivergenceLoss(nn.Module):
         need_grad = torch.is_grad_enabled() and any(c.requires_grad for c in student_chunks)
         inv_tau = 1.0 / self.temperature
 
-        def scaled(chunk: torch.Tensor) -> torch.Tensor:
-            # [B, S_c, V'] -> [B*S_c, V] fp32 / τ; always a new tensor, so inputs are never modified.
-            flat = chunk[..., :vocab].reshape(-1, vocab)
-            return flat.to(torch.float32) * inv_tau if inv_tau != 1.0 else flat.to(torch.float32, copy=True)
+        def scaled(chunk: torch.Tensor, name: str) -> torch.Tensor:
+            # [B, S_c, V'] -> [B*S_c, V] fp32 / τ. A contiguous fp32 input at τ = 1 is used as is (read-only
+            # view); anything else is cast, cut and scaled into a reused scratch buffer: the caller's tensors
+            # are never modified.
+            if chunk.dtype == torch.float32 and inv_tau == 1.0 and chunk.size(-1) == vocab and chunk.is_contiguous():
+                return chunk.view(-1, vocab)
+            buf = self._buffer_of(name, chunk.size(0) * chunk.size(1), vocab, chunk.device)
+            buf.view(chunk.size(0), chunk.size(1), vocab).copy_(chunk[..., :vocab])
+            return buf.mul_(inv_tau) if inv_tau != 1.0 else buf
 
-        with torch.no_grad():
-            self._prepared_stats: dict[str, torch.Tensor] = {}
-            valid_chunks = [(lab != self.ignore_index).reshape(-1) for lab in label_chunks]
-            if self._needs_prepare:
-                items = [self._prepare_chunk(scaled(t), v) for t, v in zip(teacher_chunks, valid_chunks, strict=True)]
-            else:
-                items = [None] * len(teacher_chunks)
-            prepared = self._finish_prepare(items, valid_chunks, batch_size)
-            total = torch.zeros((), dtype=torch.float32, device=student_chunks[0].device)
-            stats: dict[str, torch.Tensor] = {}
-            grads: list[torch.Tensor] = []
-            full_grad = torch.empty_like(full_student) if (need_grad and full_student is not None) else None
-            start = 0
-            chunks = zip(student_chunks, teacher_chunks, valid_chunks, prepared, strict=True)
-            for s_chunk, t_chunk, valid, prep in chunks:
-                res = self._chunk(scaled(s_chunk), scaled(t_chunk), valid, prep, need_grad)
-                total = total + res.per_token.sum()
-                for key, value in res.stats.items():
-                    stats[key] = stats[key] + value if key in stats else value
-                if need_grad:
-                    grad = res.grad.view(s_chunk.shape).to(s_chunk.dtype)
-                    if full_grad is not None:
-                        full_grad[:, start : start + s_chunk.size(1)] = grad
-                    else:
-                        grads.append(grad)
-                start += s_chunk.size(1)
-                del res
-            num_valid = sum(v.sum() for v in valid_chunks).to(torch.float32)
-            stats.update(self._prepared_stats)
-            stats["num_tokens"] = num_valid
-            stats["divergence_sum"] = total
-            self._last_stats = stats
-            scale = 1.0 / num_valid.clamp_min(1.0) if normalize else torch.ones((), device=total.device)
-            loss = total * scale
+        self._workspace = {}
+        self._workspace_rows = max(c.size(0) * c.size(1) for c in student_chunks)
+        try:
+            with torch.no_grad():
+                self._prepared_stats: dict[str, torch.Tensor] = {}
+                valid_chunks = [(lab != self.ignore_index).reshape(-1) for lab in label_chunks]
+                if self._needs_prepare:
+                    items = [
+                        self._prepare_chunk(scaled(t, "teacher"), v)
+                        for t, v in zip(teacher_chunks, valid_chunks, strict=True)
+                    ]
+                else:
+                    items = [None] * len(teacher_chunks)
+                prepared = self._finish_prepare(items, valid_chunks, batch_size)
+                num_valid = sum(v.sum() for v in valid_chunks).to(torch.float32)
+                device = student_chunks[0].device
+                scale = 1.0 / num_valid.clamp_min(1.0) if normalize else torch.ones((), device=device)
+                total = torch.zeros((), dtype=torch.float32, device=device)
+                stats: dict[str, torch.Tensor] = {}
+                grads: list[torch.Tensor] = []
+                full_grad = (
+                    torch.empty(full_student.shape, dtype=full_student.dtype, device=device)
+                    if (need_grad and full_student is not None)
+                    else None
+                )
+                start = 0
+                chunks = zip(student_chunks, teacher_chunks, valid_chunks, prepared, strict=True)
+                for s_chunk, t_chunk, valid, prep in chunks:
+                    res = self._chunk(
+                        scaled(s_chunk, "student"), scaled(t_chunk, "teacher"), valid, prep, need_grad, scale
+                    )
+                    total = total + res.per_token.sum()
+                    for key, value in res.stats.items():
+                        stats[key] = stats[key] + value if key in stats else value
+                    if need_grad:
+                        # The normalisation is already folded in; one cast-copy into the output buffer.
+                        grad = res.grad.view(s_chunk.shape)
+                        if full_grad is not None:
+                            full_grad[:, start : start + s_chunk.size(1)].copy_(grad)
+                        else:
+                            out = torch.empty(s_chunk.shape, dtype=s_chunk.dtype, device=device)
+                            grads.append(out.copy_(grad))
+                    start += s_chunk.size(1)
+                    del res
+                stats.update(self._prepared_stats)
+                stats["num_tokens"] = num_valid
+                stats["divergence_sum"] = total
+                self._last_stats = stats
+                loss = total * scale
+        finally:
+            self._workspace = None  # release the scratch buffers
 
         if not need_grad:
             return loss
         if full_grad is not None:
-            full_grad.mul_(scale.to(full_grad.dtype))
             return _GradientInForward.apply(loss, [full_grad], full_student)
-        grads = [g.mul_(scale.to(g.dtype)) for g in grads]
         return _GradientInForward.apply(loss, grads, *student_chunks)
 
     def _check_vocab(self, vocab: int) -> None:

@@ -16,12 +16,17 @@ from tad_torchtune.losses.base import ChunkedDivergenceLoss, ChunkResult, plogq_
 
 
 def _finish(
-    loss: ChunkedDivergenceLoss, per_token: torch.Tensor, grad: torch.Tensor | None, valid: torch.Tensor
+    loss: ChunkedDivergenceLoss,
+    per_token: torch.Tensor,
+    grad: torch.Tensor | None,
+    valid: torch.Tensor,
+    grad_scale: torch.Tensor | float = 1.0,
 ) -> ChunkResult:
-    """Masks ignored positions, applies τ² to the value and τ to the gradient (d/dz = (1/τ)·d/d(z/τ))."""
+    """Masks ignored positions, applies τ² to the value and τ·grad_scale to the gradient
+    (d/dz = (1/τ)·d/d(z/τ))."""
     tau = loss.temperature
     if grad is not None:
-        grad.mul_(torch.where(valid, tau, 0.0)[:, None])
+        grad.mul_(torch.where(valid, tau * grad_scale, 0.0)[:, None])
     return ChunkResult(torch.where(valid, per_token * tau * tau, 0.0), grad, {})
 
 
@@ -54,13 +59,19 @@ class ForwardKLLoss(ChunkedDivergenceLoss):
         ignore_index (int): label of ignored positions. Default: -100
     """
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad):
-        log_ps = F.log_softmax(student, dim=-1)
-        log_pt = F.log_softmax(teacher, dim=-1)
-        pt = log_pt.exp()
-        per_token = plogq_diff(pt, log_pt, log_ps).sum(-1)
+    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
+        # Three reused [N, V] buffers, in place: a = log p_S -> gradient; b = log p_T -> KL terms; c = p_T.
+        log_ps = torch._log_softmax(student, -1, False, out=self._buffer("a", student))
+        b = student if self._owned(student) else self._buffer("b", student)
+        log_pt = torch._log_softmax(teacher, -1, False, out=b)
+        c = teacher if self._owned(teacher) else self._buffer("c", teacher)
+        pt = torch.exp(log_pt, out=c)
+        kl_terms = log_pt.sub_(log_ps).mul_(pt)
+        per_token = kl_terms.sum(-1)
+        if bool(torch.isnan(per_token).any()):  # 0·(−inf − (−inf)) where both logits are −inf: the term is 0
+            per_token = kl_terms.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
         grad = log_ps.exp_().sub_(pt) if need_grad else None
-        return _finish(self, per_token, grad, valid)
+        return _finish(self, per_token, grad, valid, grad_scale)
 
 
 class ReverseKLLoss(ChunkedDivergenceLoss):
@@ -71,7 +82,7 @@ class ReverseKLLoss(ChunkedDivergenceLoss):
     Args: as :class:`ForwardKLLoss`.
     """
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad):
+    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
         log_ps = F.log_softmax(student, dim=-1)
         log_pt = F.log_softmax(teacher, dim=-1)
         ps = log_ps.exp()
@@ -79,7 +90,7 @@ class ReverseKLLoss(ChunkedDivergenceLoss):
         grad = None
         if need_grad:
             grad = log_ps.sub_(log_pt).sub_(per_token[:, None]).mul_(ps).nan_to_num_(nan=0.0)
-        return _finish(self, per_token, grad, valid)
+        return _finish(self, per_token, grad, valid, grad_scale)
 
 
 class SymmetricKLLoss(ChunkedDivergenceLoss):
@@ -102,7 +113,7 @@ class SymmetricKLLoss(ChunkedDivergenceLoss):
             raise ValueError(f"sym_kd_ratio must be in [0, 1], got sym_kd_ratio={sym_kd_ratio!r}")
         self.sym_kd_ratio = float(sym_kd_ratio)
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad):
+    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
         r = self.sym_kd_ratio
         log_ps = F.log_softmax(student, dim=-1)
         log_pt = F.log_softmax(teacher, dim=-1)
@@ -113,7 +124,7 @@ class SymmetricKLLoss(ChunkedDivergenceLoss):
         if need_grad:
             reverse = log_ps.sub_(log_pt).sub_(rkl[:, None]).mul_(ps).nan_to_num_(nan=0.0)
             grad = (ps - pt).mul_(r).add_(reverse, alpha=1.0 - r)
-        return _finish(self, r * fkl + (1.0 - r) * rkl, grad, valid)
+        return _finish(self, r * fkl + (1.0 - r) * rkl, grad, valid, grad_scale)
 
 
 class JSDLoss(ChunkedDivergenceLoss):
@@ -145,9 +156,9 @@ class JSDLoss(ChunkedDivergenceLoss):
         rev = plogq_diff(log_ps.exp(), log_ps, log_m).sum(-1)
         return b * fwd + (1.0 - b) * rev
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad):
+    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
         per_token, grad = _autograd_chunk(self._divergence, student, teacher, valid, need_grad)
-        return _finish(self, per_token, grad, valid)
+        return _finish(self, per_token, grad, valid, grad_scale)
 
 
 class ToDiLoss(ChunkedDivergenceLoss):
@@ -168,6 +179,6 @@ class ToDiLoss(ChunkedDivergenceLoss):
         reverse = plogq_diff(log_ps.exp(), log_ps, log_pt)
         return (weight * forward + (1.0 - weight) * reverse).sum(-1)
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad):
+    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
         per_token, grad = _autograd_chunk(self._divergence, student, teacher, valid, need_grad)
-        return _finish(self, per_token, grad, valid)
+        return _finish(self, per_token, grad, valid, grad_scale)

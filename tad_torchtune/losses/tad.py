@@ -22,18 +22,24 @@ import torch
 from tad_torchtune.losses.base import ChunkedDivergenceLoss, ChunkResult, masked_sum
 
 _NEG_INF = float("-inf")
+_INF = float("inf")
 
 
 class _TeacherPass:
     """Per-chunk results of the first (no-grad) teacher pass, reused by the second pass."""
 
-    __slots__ = ("lse", "topk_idx", "log_alpha", "weight")
+    __slots__ = ("topk_idx", "alpha", "weight")
 
-    def __init__(self, lse: torch.Tensor, topk_idx: torch.Tensor, log_alpha: torch.Tensor):
-        self.lse = lse  # [N] log-sum-exp of the teacher's logits / τ
+    def __init__(self, topk_idx: torch.Tensor, alpha: torch.Tensor):
         self.topk_idx = topk_idx  # [N, K] teacher's top-K ids
-        self.log_alpha = log_alpha  # [N] log α_T, from log-sum-exp over the tail (never log(1 − Σ top-K))
+        self.alpha = alpha  # [N] α_T, summed over the tail entries themselves (never 1 − Σ top-K)
         self.weight: torch.Tensor | None = None  # [N] w(X) of each position's row
+
+
+# Below this fp32 tail sum the student's α_S is recomputed in log space (log-sum-exp over the masked
+# log-probabilities) for the rows concerned, so α_T/α_S never overflows and p_S·α_T/α_S keeps its value
+# even where the tail probabilities themselves underflow.
+_ALPHA_S_LOG_SPACE_BELOW = 1e-30
 
 
 class TADLoss(ChunkedDivergenceLoss):
@@ -106,21 +112,23 @@ class TADLoss(ChunkedDivergenceLoss):
                 f"top_k={self.top_k} must be smaller than the vocabulary size V={vocab}, or the tail is empty"
             )
 
-    # First pass: teacher top-K and log α_T for every position, then w(X) per row.
+    # First pass: teacher top-K and α_T for every position, then w(X) per row.
     def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor) -> _TeacherPass:
-        lse = torch.logsumexp(teacher, dim=-1)
         topk_idx = teacher.topk(self.top_k, dim=-1, sorted=False).indices
-        tail_lse = torch.logsumexp(teacher.scatter_(-1, topk_idx, _NEG_INF), dim=-1)  # teacher is our own copy
-        return _TeacherPass(lse, topk_idx, tail_lse - lse)
+        probs = torch._softmax(teacher, -1, False, out=self._buffer("prepare", teacher))
+        # Tail mass as a sum over the tail entries (TAD_SPEC §3.5): no cancellation when the top-K holds
+        # nearly all the mass; it is 0 only when every tail probability underflows fp32.
+        alpha = probs.scatter_(-1, topk_idx, 0.0).sum(-1)
+        return _TeacherPass(topk_idx, alpha)
 
     def _finish_prepare(
         self, items: list[_TeacherPass], valid_chunks: list[torch.Tensor], batch_size: int
     ) -> list[_TeacherPass]:
-        device = items[0].lse.device
+        device = items[0].alpha.device
         alpha_sum = torch.zeros(batch_size, dtype=torch.float32, device=device)
         count = torch.zeros(batch_size, dtype=torch.float32, device=device)
         for item, valid in zip(items, valid_chunks, strict=True):
-            alpha = torch.where(valid, item.log_alpha.exp(), 0.0)
+            alpha = torch.where(valid, item.alpha, 0.0)
             alpha_sum += alpha.view(batch_size, -1).sum(1)
             count += valid.view(batch_size, -1).sum(1)
         has_tokens = count > 0
@@ -131,7 +139,7 @@ class TADLoss(ChunkedDivergenceLoss):
         else:
             row_w = torch.full_like(alpha_sum, self.beta)
         for item in items:
-            per_row = item.lse.numel() // batch_size
+            per_row = item.alpha.numel() // batch_size
             item.weight = row_w[:, None].expand(batch_size, per_row).reshape(-1)
         self._prepared_stats = {
             "w_sum": torch.where(has_tokens, row_w, 0.0).sum(),
@@ -146,8 +154,9 @@ class TADLoss(ChunkedDivergenceLoss):
         valid: torch.Tensor,
         prepared: _TeacherPass,
         need_grad: bool,
+        grad_scale: torch.Tensor | float = 1.0,
     ) -> ChunkResult:
-        idx, w, log_alpha_t = prepared.topk_idx, prepared.weight, prepared.log_alpha
+        idx, w, alpha_t = prepared.topk_idx, prepared.weight, prepared.alpha
         stats: dict[str, torch.Tensor] = {}
         if self.track_topk_overlap:
             student_idx = student.topk(self.top_k, dim=-1, sorted=False).indices
@@ -155,22 +164,38 @@ class TADLoss(ChunkedDivergenceLoss):
             stats["topk_overlap_sum"] = masked_sum(overlap, valid)
             del student_idx
 
-        # Student tail mass on the teacher's top-K ids, in log space (TAD_SPEC §3.5).
-        lse_s = torch.logsumexp(student, dim=-1)
-        log_alpha_s = torch.logsumexp(student.scatter(-1, idx, _NEG_INF), dim=-1) - lse_s
+        # Three [N, V] fp32 buffers, written in place (each line is one pass over the chunk):
+        #   a: log p_S (kept for the rare log-space rows);  b: log p_T -> KL terms -> p_S -> gradient;  c: p_T.
+        # The scaled inputs' own buffers are reused when they are ours.
+        log_ps = torch._log_softmax(student, -1, False, out=self._buffer("a", student))
+        b = student if self._owned(student) else self._buffer("b", student)
+        log_pt = torch._log_softmax(teacher, -1, False, out=b)
+        c = teacher if self._owned(teacher) else self._buffer("c", teacher)
+        pt = torch.exp(log_pt, out=c)
+        pt_top = pt.gather(-1, idx)
 
-        # Buffers are reused in place: `teacher` -> log p_T -> elementwise KL terms; `student` -> log p_S.
-        log_ps = student.sub_(lse_s[:, None])
-        log_pt = teacher.sub_(prepared.lse[:, None])
-        pt = log_pt.exp()
-        kl_terms = log_pt.sub_(log_ps).mul_(pt).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=_NEG_INF)
-        kl = kl_terms.sum(-1)
-        topk_kl = kl_terms.gather(-1, idx).sum(-1)
-        tail_kl = kl_terms.scatter_(-1, idx, 0.0).sum(-1)  # Σ over the tail only: no cancellation
-        del kl_terms, log_pt, teacher
+        # Elementwise p_T·log(p_T/p_S); the tail is summed over its own entries (no cancellation).
+        kl_terms = log_pt.sub_(log_ps).mul_(pt)
+        topk_kl = kl_terms.gather(-1, idx).nan_to_num_(nan=0.0, posinf=_INF, neginf=_NEG_INF).sum(-1)
+        tail_kl = kl_terms.scatter_(-1, idx, 0.0).sum(-1)
+        if bool(torch.isnan(tail_kl).any()):  # 0·(−inf − (−inf)) where both logits are −inf: the term is 0
+            tail_kl = kl_terms.nan_to_num_(nan=0.0, posinf=_INF, neginf=_NEG_INF).sum(-1)
+        kl = topk_kl + tail_kl
+        del kl_terms
 
-        alpha_t = log_alpha_t.exp()
-        log_ratio = log_alpha_t - log_alpha_s  # log(α_T / α_S), finite even when α_T underflows
+        # Student mass on the teacher's tail, α_S (TAD_SPEC §3.5), from p_S written over b.
+        ps = torch.exp(log_ps, out=b)
+        ps_top = ps.gather(-1, idx)
+        alpha_s = ps.scatter_(-1, idx, 0.0).sum(-1)  # top-K entries of b are now 0, rewritten below
+        log_alpha_s = alpha_s.log()
+        tiny = (alpha_s < _ALPHA_S_LOG_SPACE_BELOW) & (alpha_t > 0)
+        rows = tiny.nonzero().squeeze(-1) if bool(tiny.any()) else None
+        if rows is not None:
+            masked = log_ps[rows].scatter_(-1, idx[rows], _NEG_INF)
+            log_alpha_s = log_alpha_s.index_put((rows,), torch.logsumexp(masked, dim=-1))
+            del masked
+
+        log_ratio = alpha_t.log() - log_alpha_s  # log(α_T / α_S); −inf when α_T underflowed
         bucket = torch.where(alpha_t > 0, alpha_t * log_ratio, 0.0)
         dkl1 = topk_kl + bucket
         tail_term = tail_kl - bucket  # α_T · D_KL2
@@ -187,14 +212,21 @@ class TADLoss(ChunkedDivergenceLoss):
 
         grad = None
         if need_grad:
-            # Paper Eq. 6 (per unit of the scaled logits z/τ):
-            #   top-K: p_S − p_T;   tail: p_S − p_T + (w − 1)·(p_S·α_T/α_S − p_T).
-            ps = log_ps.exp()
-            tail_corr = log_ps.add_(log_ratio[:, None]).exp_().sub_(pt)  # p_S·α_T/α_S − p_T, in log_ps's buffer
-            tail_corr.scatter_(-1, idx, 0.0).mul_((w - 1.0)[:, None])
-            grad = ps.sub_(pt).add_(tail_corr)
-            # d/dz = (1/τ)·d/d(z/τ), and the divergence carries τ²; ignored positions get no gradient.
-            grad.mul_(torch.where(valid, self.temperature, 0.0)[:, None])
+            # Paper Eq. 6 per unit of the scaled logits z/τ:
+            #   top-K: p_S − p_T;   tail: p_S − p_T + (w − 1)·(p_S·α_T/α_S − p_T) = c_1·p_S − w·p_T,
+            # with c_1 = 1 + (w − 1)·α_T/α_S per row. d/dz = (1/τ)·d/d(z/τ) and the value carries τ², so the
+            # row factor is τ·grad_scale (0 on ignored rows); it is folded into c_1 and w: two passes in all.
+            row = torch.where(valid, self.temperature * grad_scale, 0.0)
+            c1 = row * (1.0 + (w - 1.0) * log_ratio.exp())
+            grad = ps.mul_(c1[:, None]).addcmul_(pt, (row * w)[:, None], value=-1.0)
+            grad.scatter_(-1, idx, (ps_top - pt_top).mul_(row[:, None]))
+            if rows is not None:
+                # α_S below fp32's comfortable range: p_S·α_T/α_S in log space for these rows only.
+                lp = log_ps[rows]
+                r_rows, w_rows = row[rows, None], w[rows, None]
+                fixed = lp.exp() - pt[rows] + (w_rows - 1.0) * ((lp + log_ratio[rows, None]).exp() - pt[rows])
+                fixed.scatter_(-1, idx[rows], (ps_top[rows] - pt_top[rows]))
+                grad[rows] = fixed.mul_(r_rows)
         return ChunkResult(per_token, grad, stats)
 
     def stats(self) -> dict[str, float]:
