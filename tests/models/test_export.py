@@ -1,0 +1,90 @@
+"""HF export of torchtune students: transformers loads them with no missing/unexpected keys and the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from torchtune.models.llama3 import llama3  # noqa: E402
+from torchtune.models.phi3 import phi3  # noqa: E402
+from torchtune.models.qwen2 import qwen2  # noqa: E402
+
+from tad_torchtune.models.export import export_hf, load_weights, main  # noqa: E402
+from tad_torchtune.models.gemma2 import gemma2  # noqa: E402
+from tad_torchtune.models.phi2 import phi2  # noqa: E402
+
+V, S = 80, 12
+
+STUDENTS = {
+    # (family, builder kwargs) -- tiny, but each keeps its family's special features
+    "qwen2": ("qwen2", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                            intermediate_dim=48, max_seq_len=64, norm_eps=1e-6, tie_word_embeddings=True)),
+    "llama3": ("llama3", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                              intermediate_dim=48, max_seq_len=64, rope_base=10_000)),
+    "phi3": ("phi3", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                          intermediate_dim=48, max_seq_len=64)),
+    "phi2": ("phi2", dict(vocab_size=V, num_layers=2, num_heads=4, embed_dim=40, intermediate_dim=64,
+                          max_seq_len=64, partial_rotary_factor=0.4)),
+    "gemma2": ("gemma2", dict(vocab_size=V, num_layers=3, num_heads=4, head_dim=16, num_kv_heads=2, embed_dim=32,
+                              intermediate_dim=48, max_seq_len=64, sliding_window=4, query_pre_attn_scalar=12,
+                              attn_logit_softcapping=4.0, final_logit_softcapping=2.0)),
+}  # fmt: skip
+BUILDERS = {"qwen2": qwen2, "llama3": llama3, "phi3": phi3, "phi2": phi2, "gemma2": gemma2}
+
+
+def _random(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.5 if ("norm" in name or name.endswith("bias")) else 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(STUDENTS))
+def test_export_loads_in_transformers_with_same_logits(name, tmp_path):
+    family, kwargs = STUDENTS[name]
+    model = _random(BUILDERS[family](**kwargs))
+    out = export_hf(model, family, kwargs, tmp_path / "hf", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert hf.config.num_hidden_layers == kwargs["num_layers"]
+    tokens = torch.randint(0, V, (2, S))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(tokens).logits, model(tokens), rtol=0, atol=1e-4)
+    # and back: the HF directory converts to the same torchtune state dict
+    back = load_weights(out, family)
+    ref = {k: v for k, v in model.state_dict().items() if not k.endswith("cache") and "theta" not in k}
+    assert sorted(back) == sorted(ref)
+    assert all(torch.equal(back[k], ref[k]) for k in ref)
+
+
+def test_cli_from_config_with_tokenizer(tmp_path):
+    """`tad-tune export-hf`: weights saved as torchtune .pt + the experiment YAML -> HF dir with tokenizer."""
+    family, kwargs = STUDENTS["qwen2"]
+    model = _random(qwen2(**kwargs))
+    (tmp_path / "w").mkdir()
+    torch.save(model.state_dict(), tmp_path / "w" / "model.pt")
+    cfg = "model:\n  _component_: torchtune.models.qwen2.qwen2\n" + "".join(f"  {k}: {v}\n" for k, v in kwargs.items())
+    (tmp_path / "exp.yaml").write_text(cfg)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    (tok / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
+    (tok / "generation_config.json").write_text(json.dumps({"bos_token_id": 5, "eos_token_id": 6}))
+    rc = main(
+        ["--config", str(tmp_path / "exp.yaml"), "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "hf")]
+        + ["--tokenizer-dir", str(tok), "--dtype", "bf16"]
+    )
+    assert rc == 0
+    out = tmp_path / "hf"
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["eos_token_id"] == 6 and cfg_json["num_hidden_layers"] == 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.dtype == torch.bfloat16
+    with pytest.raises(SystemExit):
+        main(["--help"])
