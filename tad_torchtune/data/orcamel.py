@@ -34,8 +34,29 @@ log = logging.getLogger(__name__)
 CROSS_ENTROPY_IGNORE_IDX = -100
 ORCA_MATH = "microsoft/orca-math-word-problems-200k"
 CAMEL_MATH = "camel-ai/math"
-# What "Question/Answer" looks like when the student's tokenizer has no template of its own (TinyLlama base).
-DEFAULT_TEMPLATE = {"user": ("Question: ", "\nAnswer: ")}
+
+
+class QuestionAnswerFormat:
+    """Default prompt format for students without a chat template (TinyLlama base): ``Question: {q}\nAnswer: ``.
+
+    Unlike torchtune's ``PromptTemplate``, which keeps the prefix, the question and the suffix as three
+    separately encoded pieces (SentencePiece then adds stray ``▁`` tokens between them), the prompt is one
+    string, so the tokens equal a direct encoding of ``"Question: {q}\nAnswer: {a}"`` (what an evaluation
+    harness sends) for SentencePiece tokenizers.
+    """
+
+    def __init__(self, prefix: str = "Question: ", suffix: str = "\nAnswer: "):
+        self.prefix, self.suffix = prefix, suffix
+
+    def __call__(self, messages: list[Any], inference: bool = False) -> list[Any]:
+        from torchtune.data import Message
+
+        return [
+            Message(role=m.role, content=f"{self.prefix}{m.text_content}{self.suffix}", masked=m.masked)
+            if m.role == "user"
+            else m
+            for m in messages
+        ]
 
 
 def build_prompt_template(template: Any) -> Any | None:
@@ -50,7 +71,7 @@ def build_prompt_template(template: Any) -> Any | None:
     if template is None or callable(template):
         return template
     if template == "qa":
-        return PromptTemplate(template=dict(DEFAULT_TEMPLATE))
+        return QuestionAnswerFormat()
     if isinstance(template, Mapping):
         return PromptTemplate(template={k: tuple(v) for k, v in template.items()})
     if isinstance(template, str) and "." in template:
@@ -77,7 +98,8 @@ def tokenize_example(
     """Tokenise one (prompt, answer) pair: ``(tokens, mask)`` with ``mask[t] = True`` where no loss is taken.
 
     Uses the tokenizer's ``tokenize_messages`` (torchtune ``ModelTokenizer``: its own template and special
-    tokens apply); tokenizers without it (HF dirs) get ``[BOS] template(prompt)`` masked + ``answer [EOS]``.
+    tokens apply); tokenizers without it (HF dirs) get ``[BOS] template(prompt)`` masked + ``answer [EOS]``,
+    taken from the direct encoding of the whole text where the prompt's tokens are a prefix of it.
     """
     from torchtune.data import Message
 
@@ -91,8 +113,19 @@ def tokenize_example(
         tokens, mask = tokenizer.tokenize_messages(messages)
         return list(tokens), list(mask)
     bos, eos = tk.bos_id(tokenizer), tk.eos_id(tokenizer)
-    p = ([bos] if bos is not None else []) + tk.encode_plain(tokenizer, messages[0].text_content)
-    a = tk.encode_plain(tokenizer, messages[1].text_content) + ([eos] if eos is not None else [])
+    prompt_text, answer_text = messages[0].text_content, messages[1].text_content
+    # Prefer the direct encoding of prompt + answer, split where the prompt's own encoding ends (with or
+    # without its trailing space); only when the boundary merges tokens encode the two parts separately.
+    full = tk.encode_plain(tokenizer, prompt_text + answer_text)
+    for candidate in (prompt_text, prompt_text.rstrip(" ")):
+        p = tk.encode_plain(tokenizer, candidate)
+        if full[: len(p)] == p:
+            a = full[len(p) :]
+            break
+    else:
+        p, a = tk.encode_plain(tokenizer, prompt_text), tk.encode_plain(tokenizer, answer_text)
+    p = ([bos] if bos is not None else []) + p
+    a = a + ([eos] if eos is not None else [])
     return p + a, [not train_on_input] * len(p) + [False] * len(a)
 
 

@@ -79,7 +79,8 @@ def check_vocab_alignment(
     """Compare id -> token string on the ids both tokenizers share; report the teacher's extra ids.
 
     Every shared id is compared when there are at most ``num_samples`` of them (about 0.1 s per 30k ids),
-    else a seeded random sample of ``num_samples`` ids plus all special ids and the first and last 256.
+    else a seeded random sample of ``num_samples`` ids that always includes the special ids and the first
+    and last ``min(256, num_samples // 4)``.
     Special tokens are compared by name (``<|endoftext|>``), other ids by their vocabulary piece.
 
     Args:
@@ -114,7 +115,8 @@ def check_vocab_alignment(
     if num_samples is None or shared <= num_samples:
         ids = list(range(shared))
     else:
-        must = set(range(min(256, shared))) | set(range(max(0, shared - 256), shared))
+        edge = min(256, num_samples // 4)  # the first ids (bytes/specials) and the last ones (added tokens)
+        must = set(range(min(edge, shared))) | set(range(max(0, shared - edge), shared))
         for tok in (teacher_tokenizer, student_tokenizer):
             must |= {i for i in tk.special_tokens(tok).values() if i < shared}
         rest = [i for i in random.Random(seed).sample(range(shared), min(num_samples, shared)) if i not in must]
