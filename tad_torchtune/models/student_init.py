@@ -270,3 +270,84 @@ def _teacher_geometry(
     d_t = q.shape[0] // h_t
     kv_t = kv_t or k.shape[0] // d_t
     return h_t, kv_t, d_t, q.shape[1], layout
+
+
+@torch.no_grad()
+def reinit_(model: nn.Module, std: float = 0.02) -> None:
+    """A sane from-scratch init for torchtune builders (which have none): N(0, std) for every matrix and
+    embedding, zeros for biases, ones for norm scales/weights (GemmaRMSNorm's zero-centred scale: zeros)."""
+    from torchtune.models.gemma.rms_norm import GemmaRMSNorm
+
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if isinstance(mod, GemmaRMSNorm):
+                p.zero_()
+            elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) or name == "scale":
+                p.fill_(1.0) if name in ("weight", "scale") else p.zero_()
+            elif name == "bias":
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tad-tune init-student``: build a Table 8 student, initialise it from the teacher, write an HF dir."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="tad-tune init-student",
+        description="Build the student of an experiment config (`model`), initialise it from the teacher "
+        "(`teacher_model` + `teacher_checkpointer`) as the config's `student_init` section says (paper Sec. 3.2: "
+        "layer selection, per-head attention truncation, random or copied MLPs, copied embeddings), and write it "
+        "as an HF directory that the config's student `checkpointer` then loads.",
+    )
+    parser.add_argument("--config", required=True, help="experiment YAML (model, teacher_model, teacher_checkpointer)")
+    parser.add_argument("--out", default=None, help="output HF dir (default: student_init.output_dir of the config)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="weights dtype written")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher_dir=/models/x)")
+    ns = parser.parse_args(argv)
+
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    from tad_torchtune.models.export import export_hf
+    from tad_torchtune.models.registry import resolve
+
+    cfg = OmegaConf.merge(OmegaConf.load(ns.config), OmegaConf.from_dotlist(ns.overrides))
+    si = OmegaConf.to_container(cfg.get("student_init", None) or OmegaConf.create({}), resolve=True)
+    out = ns.out or si.pop("output_dir", None)
+    si.pop("output_dir", None)
+    if out is None:
+        raise SystemExit("give --out or student_init.output_dir in the config")
+    spec = si.pop("layers", "every_other")
+    init_std = float(si.pop("init_std", 0.02))
+    tokenizer_dir = si.pop("tokenizer_dir", None) or cfg.teacher_checkpointer.get("checkpoint_dir")
+
+    teacher_sd = tt_config.instantiate(cfg.teacher_checkpointer).load_checkpoint()["model"]
+    n_teacher = 1 + max(int(k.split(".")[1]) for k in teacher_sd if k.startswith("layers."))
+    _, t_args = resolve(OmegaConf.to_container(cfg.teacher_model, resolve=True))
+    s_node = OmegaConf.to_container(cfg.model, resolve=True)
+    family, s_args = resolve(s_node)
+    student = tt_config.instantiate(cfg.model)
+    reinit_(student, init_std)
+    layers = select_layers(n_teacher, spec)
+    report = init_student_from_teacher(
+        student,
+        teacher_sd,
+        layers,
+        teacher_num_heads=t_args["num_heads"],
+        teacher_num_kv_heads=t_args.get("num_kv_heads"),
+        **si,
+    )
+    dtype = torch.bfloat16 if ns.dtype == "bf16" else torch.float32
+    export_hf(student, family, s_args, out, tokenizer_dir, dtype=dtype)
+    summary = {k: len(v) for k, v in report.items()}
+    (Path(out) / "student_init_report.json").write_text(json.dumps({"layers": layers, **report}, indent=1))
+    print(f"student ({family}, {len(layers)} layers from teacher layers {layers}) -> {out}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -88,3 +88,62 @@ def test_cli_from_config_with_tokenizer(tmp_path):
     assert hf.dtype == torch.bfloat16
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def test_init_student_cli(tmp_path):
+    """`tad-tune init-student`: HF teacher dir -> initialised student HF dir, loadable by the recipe's checkpointer."""
+    from tad_torchtune.models.checkpointer import HFCheckpointer
+    from tad_torchtune.models.student_init import main as init_main
+
+    tcfg = transformers.Qwen2Config(
+        vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    teacher = transformers.AutoModelForCausalLM.from_config(tcfg)
+    teacher.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "teacher" / "tokenizer.json").write_text("{}")  # copied into the student dir as is
+    (tmp_path / "exp.yaml").write_text(
+        f"""
+model:
+  _component_: torchtune.models.qwen2.qwen2
+  vocab_size: {V}
+  num_layers: 2
+  num_heads: 4
+  num_kv_heads: 4
+  embed_dim: 32
+  intermediate_dim: 40
+  max_seq_len: 64
+teacher_model:
+  _component_: torchtune.models.qwen2.qwen2
+  vocab_size: {V}
+  num_layers: 4
+  num_heads: 4
+  num_kv_heads: 4
+  embed_dim: 48
+  intermediate_dim: 64
+  max_seq_len: 64
+teacher_checkpointer:
+  _component_: tad_torchtune.models.HFCheckpointer
+  checkpoint_dir: {tmp_path}/teacher
+  checkpoint_files: [model.safetensors]
+  model_type: QWEN2
+  output_dir: {tmp_path}/unused
+student_init:
+  output_dir: {tmp_path}/student_init
+  layers: every_other
+  copy_mlp: false
+"""
+    )
+    assert init_main(["--config", str(tmp_path / "exp.yaml"), "--dtype", "fp32"]) == 0
+    out = tmp_path / "student_init"
+    assert (out / "tokenizer.json").read_text() == "{}"
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ck = HFCheckpointer(str(out), ["model.safetensors"], "QWEN2", str(tmp_path / "run"))
+    sd = ck.load_checkpoint()["model"]
+    t = teacher.state_dict()
+    # student layer 1 = teacher layer 2; v_proj rows: 4 heads x first 8 of 12 dims; columns: first 32
+    v_ref = t["model.layers.2.self_attn.v_proj.weight"].view(4, 12, 48)[:, :8, :32].reshape(32, 32)
+    torch.testing.assert_close(sd["layers.1.attn.v_proj.weight"], v_ref, rtol=0, atol=0)
+    # MLP random with the N(0, 0.02) init, not torchtune's default kaiming-uniform
+    assert abs(sd["layers.0.mlp.w1.weight"].std().item() - 0.02) < 0.004
