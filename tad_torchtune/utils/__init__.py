@@ -1,0 +1,1 @@
+"""Utilities: FLOP accounting and utilisation (``flops``)."""

@@ -1,0 +1,331 @@
+r"""FLOPs per token of a distillation step, utilisation, a matmul peak probe, and ``tad-tune flops``.
+
+Counting convention (the one behind the paper's "9.2 vs 9.3 PFLOPs per 1M tokens", TAD_SPEC §5):
+2 FLOPs per multiply-accumulate of every matmul; a backward pass costs twice its forward (gradients with
+respect to inputs and to weights); the frozen teacher only runs forward; the embedding lookup is free.
+Per layer and token, with model width ``D``, ``H`` query heads and ``H_kv`` key/value heads of size ``d_h``,
+MLP width ``F`` and context ``S``:
+
+- attention projections ``2·D·d_h·(2H + 2H_kv)`` (q, o and k, v);
+- attention scores and mixing ``2·2·d_h·H·S_eff``, with ``S_eff = (S + 1)/2`` under the causal mask
+  (``causal=False`` counts ``S``, as Megatron's formula does);
+- MLP ``2·m·D·F``, ``m = 3`` for gated (SwiGLU/GeGLU: Qwen, Llama, Phi-3, Gemma-2) and 2 for Phi-2.
+
+Plus the output projection ``2·D·V`` per model and the loss's elementwise work over the vocabulary
+(``c·V``, ``c`` ≈ 15 for forward KL and ≈ 30 for TAD, an estimate: about 1e-3 of the total). The fused
+path (``fused=True``) recomputes the teacher's output projection in its first pass: ``+2·D_T·V``.
+
+This module imports torch and our model registry only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FlopsBreakdown",
+    "ModelDims",
+    "estimate_flops_per_token",
+    "model_dims",
+    "forward_flops_per_token",
+    "measure_matmul_peak",
+    "utilisation",
+    "main",
+]
+
+# Elementwise FLOPs per token per vocabulary entry of each loss (max, subtract, exp, sum, log of two
+# softmaxes, the KL terms, the gradient; TAD adds the top-K, two tail log-sum-exps and the tail correction).
+LOSS_FLOPS_PER_VOCAB = {"kl": 15.0, "tad": 30.0, "ce": 6.0, "none": 0.0}
+
+# Dense bf16 peaks of common accelerators (vendor datasheets, without sparsity), FLOP/s.
+KNOWN_PEAKS = {"h100-sxm": 989e12, "h100-pcie": 756e12, "h200": 989e12, "a100": 312e12}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the FLOP count needs from a decoder's config."""
+
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+    head_dim: int
+    gated_mlp: bool = True
+
+    @property
+    def non_embedding_params(self) -> int:
+        """Matmul weights of the layers plus the output projection (norms and biases ignored)."""
+        attn = self.embed_dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = (3 if self.gated_mlp else 2) * self.embed_dim * self.intermediate_dim
+        return self.num_layers * (attn + mlp) + self.embed_dim * self.vocab_size
+
+
+def model_dims(cfg: Mapping[str, Any] | str | ModelDims) -> ModelDims:
+    """Dims of a model given as a named builder (``"qwen1_5_1_8b"``), a YAML ``model`` node
+    (``{_component_: ..., **kwargs}``, resolved by :func:`tad_torchtune.models.registry.resolve`) or a plain
+    dict of builder kwargs (``vocab_size``, ``num_layers``, ``num_heads``, ``embed_dim``, ``intermediate_dim``,
+    optional ``num_kv_heads``, ``head_dim``, ``family``).
+
+    Raises:
+        ValueError: an unknown name or a dict missing a dimension (named in the message).
+    """
+    if isinstance(cfg, ModelDims):
+        return cfg
+    family = None
+    if isinstance(cfg, str):
+        from tad_torchtune.models.registry import NAMED
+
+        if cfg not in NAMED:
+            raise ValueError(f"unknown model name {cfg!r}; known: {', '.join(sorted(NAMED))}")
+        family, kwargs = NAMED[cfg]
+    elif "_component_" in cfg:
+        from tad_torchtune.models.registry import resolve
+
+        family, kwargs = resolve(cfg)
+    else:
+        kwargs = dict(cfg)
+        family = kwargs.pop("family", None)
+    need = ("vocab_size", "num_layers", "num_heads", "embed_dim", "intermediate_dim")
+    missing = [k for k in need if kwargs.get(k) is None]
+    if missing:
+        raise ValueError(f"model config lacks {missing} (needs {list(need)}), got keys {sorted(kwargs)}")
+    num_heads = int(kwargs["num_heads"])
+    embed_dim = int(kwargs["embed_dim"])
+    return ModelDims(
+        vocab_size=int(kwargs["vocab_size"]),
+        num_layers=int(kwargs["num_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(kwargs.get("num_kv_heads") or num_heads),
+        embed_dim=embed_dim,
+        intermediate_dim=int(kwargs["intermediate_dim"]),
+        head_dim=int(kwargs.get("head_dim") or embed_dim // num_heads),
+        gated_mlp=family != "phi2",
+    )
+
+
+def forward_flops_per_token(dims: ModelDims, seq_len: int, causal: bool = True) -> dict[str, float]:
+    """Forward FLOPs per token of one decoder: ``layers`` (weights), ``attention`` (scores), ``output``."""
+    s_eff = (seq_len + 1) / 2 if causal else float(seq_len)
+    weights = 2.0 * (dims.non_embedding_params - dims.embed_dim * dims.vocab_size)
+    attention = dims.num_layers * 4.0 * dims.head_dim * dims.num_heads * s_eff
+    return {"layers": weights, "attention": attention, "output": 2.0 * dims.embed_dim * dims.vocab_size}
+
+
+@dataclass
+class FlopsBreakdown:
+    """FLOPs per token of one training step, by part. ``total`` sums them."""
+
+    student_forward: float
+    student_backward: float
+    teacher_forward: float
+    loss: float
+    fused_recompute: float
+    student_output: float  # of which: the student's output projection (forward + backward)
+    teacher_output: float  # of which: the teacher's output projection (forward)
+
+    @property
+    def total(self) -> float:
+        return self.student_forward + self.student_backward + self.teacher_forward + self.loss + self.fused_recompute
+
+    def pflops_per_million_tokens(self) -> float:
+        return self.total * 1e6 / 1e15
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total": self.total}
+
+
+def estimate_flops_per_token(
+    student_cfg: Mapping[str, Any] | str | ModelDims,
+    teacher_cfg: Mapping[str, Any] | str | ModelDims | None = None,
+    seq_len: int = 2048,
+    *,
+    loss: str = "tad",
+    fused: bool = False,
+    causal: bool = True,
+) -> FlopsBreakdown:
+    """FLOPs per trained token of a distillation step (student forward + backward, teacher forward, loss).
+
+    Args:
+        student_cfg, teacher_cfg: see :func:`model_dims`; no teacher gives plain LM training (``loss="ce"``).
+        seq_len (int): context length (attention cost grows with it).
+        loss (str): ``"tad"``, ``"kl"`` (any full-vocabulary divergence), ``"ce"`` or ``"none"``.
+        fused (bool): the fused linear loss, whose first pass recomputes the teacher projection.
+        causal (bool): count the causal half of the attention scores. Default: True
+
+    Returns:
+        FlopsBreakdown: per-token parts; ``.total`` and ``.pflops_per_million_tokens()``.
+
+    Example:
+        >>> f = estimate_flops_per_token("qwen1_5_student_1_2b", "qwen1_5_1_8b", 2048, loss="kl")
+        >>> round(f.pflops_per_million_tokens(), 1)
+        9.3
+    """
+    if loss not in LOSS_FLOPS_PER_VOCAB:
+        raise ValueError(f"loss must be one of {sorted(LOSS_FLOPS_PER_VOCAB)}, got loss={loss!r}")
+    if int(seq_len) != seq_len or seq_len < 1:
+        raise ValueError(f"seq_len must be an integer >= 1, got seq_len={seq_len!r}")
+    s = model_dims(student_cfg)
+    s_fwd = forward_flops_per_token(s, seq_len, causal)
+    student_forward = sum(s_fwd.values())
+    teacher_forward = teacher_output = recompute = 0.0
+    if teacher_cfg is not None:
+        t = model_dims(teacher_cfg)
+        t_fwd = forward_flops_per_token(t, seq_len, causal)
+        # The teacher's extra vocabulary rows are cut before the fused matmul; the dense path projects them.
+        teacher_output = 2.0 * t.embed_dim * (s.vocab_size if fused else t.vocab_size)
+        teacher_forward = t_fwd["layers"] + t_fwd["attention"] + teacher_output
+        recompute = 2.0 * t.embed_dim * s.vocab_size if fused and loss == "tad" else 0.0
+    elif loss in ("tad", "kl"):
+        raise ValueError(f"loss={loss!r} needs a teacher config")
+    return FlopsBreakdown(
+        student_forward=student_forward,
+        student_backward=2.0 * student_forward,
+        teacher_forward=teacher_forward,
+        loss=LOSS_FLOPS_PER_VOCAB[loss] * s.vocab_size,
+        fused_recompute=recompute,
+        student_output=3.0 * s_fwd["output"],
+        teacher_output=teacher_output,
+    )
+
+
+def utilisation(
+    num_tokens: float, seconds: float, flops_per_token: float, peak_flops: float | None
+) -> dict[str, float]:
+    """Achieved FLOP/s (and model FLOP utilisation against ``peak_flops`` when given) of a timed span.
+
+    Returns ``{"tokens_per_s", "flops_per_s", "mfu"}`` (``mfu`` only with a peak).
+    """
+    tps = num_tokens / seconds if seconds > 0 else 0.0
+    out = {"tokens_per_s": tps, "flops_per_s": tps * flops_per_token}
+    if peak_flops:
+        out["mfu"] = out["flops_per_s"] / peak_flops
+    return out
+
+
+def measure_matmul_peak(
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    size: int | None = None,
+    iters: int | None = None,
+) -> float:
+    """Best-of-``iters`` FLOP/s of a square matmul: the peak the recipe reports utilisation against when
+    none is configured. Defaults: CUDA bf16 8192² × 20; CPU fp32 1024² × 5 (about a second)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    size = size or (8192 if cuda else 1024)
+    iters = iters or (20 if cuda else 5)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    best = math.inf
+    for i in range(iters + 1):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i:  # the first call warms up
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def _load_config_models(path: str) -> tuple[Mapping[str, Any], Mapping[str, Any] | None, int | None]:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    if "model" not in cfg:
+        raise ValueError(f"config {path} has no 'model' node")
+    student = OmegaConf.to_container(cfg.model, resolve=True)
+    teacher = OmegaConf.to_container(cfg.teacher_model, resolve=True) if "teacher_model" in cfg else None
+    # The training context: the top-level, tokenizer's or dataset's max_seq_len, else the model's.
+    nodes = [cfg, cfg.get("tokenizer") or {}, cfg.get("dataset") or {}, cfg.model]
+    seq = next((n.get("max_seq_len") for n in nodes if n.get("max_seq_len")), None)
+    return student, teacher, int(seq) if seq else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tad-tune flops``: FLOPs per token of a distillation setup and the wall time of a token budget."""
+    parser = argparse.ArgumentParser(
+        prog="tad-tune flops",
+        description="FLOPs per token of a distillation step (student fwd+bwd, teacher fwd, loss) and the time a "
+        "token budget takes at given utilisations. Models by name (tad_torchtune.models.registry.NAMED) or "
+        "from a recipe config (its model and teacher_model nodes).",
+    )
+    parser.add_argument("--student", default="qwen1_5_student_1_2b", help="student model name (default: %(default)s)")
+    parser.add_argument(
+        "--teacher", default="qwen1_5_1_8b", help="teacher model name, or 'none' (default: %(default)s)"
+    )
+    parser.add_argument("--config", help="recipe YAML; its model/teacher_model nodes replace --student/--teacher")
+    parser.add_argument("--seq-len", type=int, default=None, help="context length (default: config's, else 2048)")
+    parser.add_argument("--loss", default="tad", choices=sorted(LOSS_FLOPS_PER_VOCAB), help="default: %(default)s")
+    parser.add_argument("--fused", action="store_true", help="count the fused loss's teacher recompute")
+    parser.add_argument("--non-causal", action="store_true", help="count full (non-causal) attention scores")
+    parser.add_argument("--tokens", type=float, default=2e9, help="token budget to project (default: %(default)g)")
+    parser.add_argument(
+        "--peak",
+        default="h100-sxm",
+        help=f"peak FLOP/s: a number, one of {sorted(KNOWN_PEAKS)}, or 'probe' to measure this machine's matmul",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+
+    seq_len = args.seq_len
+    if args.config:
+        student, teacher, cfg_seq = _load_config_models(args.config)
+        seq_len = seq_len or cfg_seq
+    else:
+        student, teacher = args.student, (None if args.teacher == "none" else args.teacher)
+    seq_len = seq_len or 2048
+    loss = args.loss if teacher is not None or args.loss in ("ce", "none") else "ce"
+    f = estimate_flops_per_token(student, teacher, seq_len, loss=loss, fused=args.fused, causal=not args.non_causal)
+    if args.peak == "probe":
+        peak = measure_matmul_peak()
+    elif args.peak in KNOWN_PEAKS:
+        peak = KNOWN_PEAKS[args.peak]
+    else:
+        try:
+            peak = float(args.peak)
+        except ValueError:
+            parser.error(f"--peak must be a number, 'probe' or one of {sorted(KNOWN_PEAKS)}, got {args.peak!r}")
+    total = f.total * args.tokens
+    need_24h = total / 86400.0
+    result = {
+        "seq_len": seq_len,
+        "loss": loss,
+        "fused": args.fused,
+        "per_token": f.as_dict(),
+        "pflops_per_1m_tokens": f.pflops_per_million_tokens(),
+        "tokens": args.tokens,
+        "total_flops": total,
+        "peak_flops": peak,
+        "mfu_for_24h": need_24h / peak,
+        "tokens_per_s_for_24h": args.tokens / 86400.0,
+        "hours_at_mfu": {str(m): total / (m * peak) / 3600.0 for m in (0.03, 0.1, 0.2, 0.3, 0.4, 0.5)},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"FLOPs per token (seq_len={seq_len}, loss={loss}, fused={args.fused}):")
+    for key, value in f.as_dict().items():
+        print(f"  {key:<18} {value / 1e9:10.3f} GFLOP")
+    print(f"  = {result['pflops_per_1m_tokens']:.2f} PFLOPs per 1M tokens")
+    print(f"{args.tokens:.3g} tokens: {total:.3e} FLOPs; peak {peak / 1e12:.4g} TFLOP/s")
+    print(
+        f"  24 h needs {need_24h / 1e12:.4g} TFLOP/s = {100 * result['mfu_for_24h']:.1f}% utilisation "
+        f"({result['tokens_per_s_for_24h']:.0f} tokens/s)"
+    )
+    for m, hours in result["hours_at_mfu"].items():
+        print(f"  at {100 * float(m):4.0f}% utilisation: {hours:7.1f} h")
+    return 0
