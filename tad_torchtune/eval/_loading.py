@@ -72,7 +72,8 @@ def build_model(
         device (torch.device): where the model lives.
         dtype (torch.dtype): parameter dtype.
         checkpoint_dir (str | Path | None): read the weights from this directory instead (its weight files are
-            detected), e.g. one ``epoch_N`` output of the training recipe. Default: None
+            detected), e.g. one ``epoch_N`` output of the training recipe. ``checkpoint_files: auto`` in the
+            config detects them too. Default: None
 
     Returns:
         torch.nn.Module: the model in eval mode with gradients off.
@@ -86,9 +87,10 @@ def build_model(
         raise ValueError(f"the config has no {checkpointer_key!r} section; the model's weights must come from one")
     ck_cfg = OmegaConf.create(OmegaConf.to_container(ck_cfg, resolve=True))
     if checkpoint_dir is not None:
-        ck_dir = Path(checkpoint_dir)
-        ck_cfg.checkpoint_dir = str(ck_dir)
-        ck_cfg.checkpoint_files = _detect_checkpoint_files(ck_dir)
+        ck_cfg.checkpoint_dir = str(checkpoint_dir)
+        ck_cfg.checkpoint_files = "auto"
+    if ck_cfg.get("checkpoint_files") in (None, "auto"):  # whatever weights the directory holds
+        ck_cfg.checkpoint_files = _detect_checkpoint_files(Path(ck_cfg.checkpoint_dir))
     if ck_cfg.get("output_dir") is None:
         ck_cfg.output_dir = tempfile.mkdtemp(prefix="tad_eval_ckpt_")  # required by torchtune, never written here
     with training.set_default_dtype(dtype), device:
