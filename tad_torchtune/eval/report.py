@@ -1,7 +1,7 @@
 r"""Markdown result tables in the paper's layout (Tables 1 and 4-7): per-task scores, Avg and Rel.
 
 .. math::
-    \overline{\mathrm{Rel}} = \frac{1}{T} \sum_{t=1}^{T} 100 \cdot \log \frac{\mathrm{Acc}_t}{\mathrm{Acc}^{\mathrm{vanilla}}_t}
+    \overline{\mathrm{Rel}} = \frac{1}{T} \sum_t 100 \log (\mathrm{Acc}_t / \mathrm{Acc}^{\mathrm{vanilla}}_t)
 
 (the paper's symmetric relative change against vanilla KD, averaged over tasks; natural log).
 """

@@ -21,6 +21,7 @@ def load_storycloze(storycloze_dir: str | None = None, **kwargs):
     test = [str(p) for p in csvs if "val" not in p.name.lower()]
     if not val or not test:
         raise FileNotFoundError(
-            f"{folder}: expected a validation CSV (name containing 'val') and a test CSV, found {[p.name for p in csvs]}"
+            f"{folder}: expected a validation CSV (name containing 'val') and a test CSV, "
+            f"found {[p.name for p in csvs]}"
         )
     return datasets.load_dataset("csv", data_files={"validation": val, "test": test})
