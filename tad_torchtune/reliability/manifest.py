@@ -1,0 +1,111 @@
+"""Checkpoint manifests: one ``manifest.json`` per checkpoint folder with the size and SHA-256 of every file.
+
+The manifest is written last, inside the temporary folder, just before the atomic rename; a folder is a
+*complete* checkpoint only if its manifest exists, parses, and every file it lists has the recorded size
+and hash (and no listed file is missing). Anything else is incomplete or corrupt and is skipped on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from torchtune import utils
+
+MANIFEST = "manifest.json"
+_FORMAT = "tad_torchtune.checkpoint/1"
+_BLOCK = 1 << 22  # 4 MiB reads: hashing runs at disk speed
+log = utils.get_logger("INFO")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path, step: int | None = None) -> Path:
+    """Hashes every file in ``folder`` (not sub-folders) and writes ``folder/manifest.json`` durably.
+
+    Args:
+        folder (str | Path): the (temporary) checkpoint folder, already holding its fsynced files.
+        step (int | None): global step, recorded for humans. Default: None
+
+    Returns:
+        Path: the manifest path.
+    """
+    folder = Path(folder)
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    out = folder / MANIFEST
+    with open(out, "w") as f:
+        json.dump({"format": _FORMAT, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return out
+
+
+def verify_manifest(folder: str | Path, required: tuple[str, ...] = ()) -> str | None:
+    """Checks a checkpoint folder against its manifest.
+
+    Args:
+        folder (str | Path): the checkpoint folder.
+        required (tuple[str, ...]): file names that must be listed (e.g. ``model.pt``). Default: ()
+
+    Returns:
+        str | None: None when complete and intact, else one sentence saying what is wrong.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return f"no {MANIFEST} (the write did not finish)"
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MANIFEST} ({err})"
+    for name in required:
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
+    for name, meta in files.items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != meta["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {meta['bytes']} (truncated or overwritten)"
+        if sha256_file(p) != meta["sha256"]:
+            return f"{name} does not match its SHA-256 in {MANIFEST} (corrupted)"
+    return None
+
+
+def newest_verified(candidates: list[Path], required: tuple[str, ...] = ()) -> Path | None:
+    """The newest folder of ``candidates`` (oldest first) that passes :func:`verify_manifest`, or None.
+
+    Every newer folder that fails is skipped with a warning naming it and the reason.
+    """
+    for path in reversed(candidates):
+        problem = verify_manifest(path, required)
+        if problem is None:
+            return path
+        log.warning(f"skipping checkpoint {path}: {problem}; trying the previous one")
+    return None
+
+
+def remove_stale_partials(root: str | Path) -> list[Path]:
+    """Deletes ``step_*.tmp-*`` / ``step_*.old-*`` folders left by a crashed writer (call from the only writer)."""
+    removed = []
+    for p in Path(root).glob("step_*.*-*"):
+        if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

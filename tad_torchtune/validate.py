@@ -1,0 +1,559 @@
+"""``tad-tune validate``: every start-up check of the distillation recipe, before any compute is spent.
+
+``tad-tune validate --config configs/tiny_cpu.yaml assets_dir=/tmp/tad_tiny`` prints one line per problem and
+exits 1, or prints ``OK`` and exits 0. The recipe runs the same checks (:func:`validate_or_raise`) first
+thing, before a process group, a model or a dataset exists. Checks:
+
+- config keys: unknown or misspelled top-level keys and component arguments (closest valid key suggested);
+- hyperparameters: ``top_k >= vocab``, ``beta <= 0``, ``lr <= 0``, ``num_output_chunks < 1``, batch sizes,
+  epochs, checkpoint cadence, loss weights, dtype, ``nonfinite_policy``;
+- models: buildable (on the meta device: no memory, no weights), teacher vocabulary >= student vocabulary,
+  tokenizer ids fit the student, tokenizer ``max_seq_len`` <= what both models support;
+- checkpoints: every configured file exists, loads without running code, and (torchtune format) holds
+  exactly the model's keys and shapes;
+- tokenizers: ``teacher_tokenizer`` (when given) agrees with ``tokenizer`` on every shared id;
+- data: the dataset builds and has at least one optimizer step's worth of samples;
+- output: ``output_dir`` is (or can be made) a writable folder; ``resume_from_checkpoint`` has something to
+  resume from (a complete checkpoint whose manifest checks out).
+
+Nothing is written except a probe file in an existing ``output_dir`` (removed at once); checkpoints are
+never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# Every top-level key the knowledge_distillation_tad recipe reads (docs/recipe.md, docs/reliability.md).
+RECIPE_KEYS = frozenset(
+    """
+    output_dir seed device dtype model teacher_model checkpointer teacher_checkpointer tokenizer teacher_tokenizer
+    dataset batch_size shuffle collate_fn loss kd_loss ce_weight kd_weight kd_ratio cosine_weight hidden_layer_map
+    freeze optimizer lr_scheduler gradient_accumulation_steps clip_grad_norm epochs max_steps_per_epoch
+    save_every_n_steps keep_last_n_checkpoints resume_from_checkpoint enable_activation_checkpointing compile
+    custom_sharded_layers metric_logger log_every_n_steps log_peak_memory_stats nonfinite_policy
+    """.split()
+)
+COMPONENT_KEYS = (
+    "model teacher_model checkpointer teacher_checkpointer tokenizer teacher_tokenizer loss kd_loss optimizer "
+    "lr_scheduler metric_logger"
+).split()
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w]*)")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: the key it is about and one sentence saying what and how to fix it."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class ConfigValidationError(ValueError):
+    """The config failed start-up validation; ``problems`` lists every finding."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"config validation found {len(problems)} problem(s), nothing was run:\n{lines}")
+
+
+def _suggest(key: str, valid: list[str] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _short(err: BaseException) -> str:
+    """An exception as one line (its last non-empty line; no traceback)."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if len(lines) == 1 else (lines[-1] if lines else '')}"[:400]
+
+
+def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    return OmegaConf.select(cfg, key, default=default)
+
+
+class _Checker:
+    def __init__(self, cfg: DictConfig, check_data: bool, world_size: int):
+        self.cfg = cfg
+        self.check_data = check_data
+        self.world_size = world_size
+        self.problems: list[Problem] = []
+        self.models: dict[str, Any] = {}
+        self.tokenizer = None
+
+    def add(self, key: str, message: str) -> None:
+        self.problems.append(Problem(key, message))
+
+    def run(self) -> list[Problem]:
+        try:
+            OmegaConf.to_container(self.cfg, resolve=True)
+        except Exception as err:  # an unresolved ${...}: nothing else can be trusted
+            self.add("config", f"cannot resolve interpolations ({_short(err)})")
+            return self.problems
+        for step in (
+            self.keys,
+            self.components,
+            self.hyperparameters,
+            self.build_models,
+            self.checkpoints,
+            self.tokenizers,
+            self.data,
+            self.output_dir,
+            self.resume,
+        ):
+            try:
+                step()
+            except Exception as err:  # a check must never crash with a deep traceback
+                self.add("config", f"check {step.__name__} failed: {_short(err)}")
+        return self.problems
+
+    # --- keys -------------------------------------------------------------------------------------
+    def keys(self) -> None:
+        raw = OmegaConf.to_container(self.cfg, resolve=False)
+        referenced = set(_INTERPOLATION.findall(OmegaConf.to_yaml(OmegaConf.create(raw))))
+        for key in self.cfg.keys():
+            key = str(key)
+            if key in RECIPE_KEYS or key in referenced:
+                continue
+            self.add(key, f"unknown config key{_suggest(key, RECIPE_KEYS) or ' (the recipe never reads it)'}")
+
+    def components(self) -> None:
+        from torchtune.config._utils import _get_component_from_path
+
+        nodes = [(k, self.cfg.get(k)) for k in COMPONENT_KEYS]
+        ds = self.cfg.get("dataset")
+        nodes += [(f"dataset[{i}]", d) for i, d in enumerate(ds)] if isinstance(ds, ListConfig) else [("dataset", ds)]
+        for key, node in nodes:
+            if node is None:
+                continue
+            if not isinstance(node, DictConfig) or "_component_" not in node:
+                self.add(key, "expected a mapping with a _component_ (dotted path of a builder or class)")
+                continue
+            path = str(node["_component_"])
+            try:
+                target = _get_component_from_path(path)
+            except Exception as err:
+                self.add(f"{key}._component_", f"cannot import {path!r} ({_short(err)})")
+                continue
+            try:
+                params = inspect.signature(target).parameters
+            except (TypeError, ValueError):
+                continue
+            if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+                continue
+            valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            for arg in node:
+                if arg != "_component_" and arg not in valid:
+                    hint = _suggest(str(arg), valid) or f" (it takes {', '.join(valid)})"
+                    self.add(f"{key}.{arg}", f"{path} has no argument {arg!r}{hint}")
+
+    # --- hyperparameters ----------------------------------------------------------------------------
+    def _number(self, key: str, low: float, *, strict: bool, integer: bool, optional: bool = True) -> None:
+        value = _get(self.cfg, key)
+        if value is None:
+            if not optional:
+                self.add(key, "is required")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            self.add(key, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+            return
+        if (value <= low) if strict else (value < low):
+            self.add(key, f"must be {'>' if strict else '>='} {low:g}, got {value!r}")
+
+    def _component_default(self, key: str, arg: str) -> Any:
+        """``cfg[key][arg]``, else the component's default for ``arg`` (None when unknown)."""
+        node = self.cfg.get(key)
+        if node is None:
+            return None
+        if arg in node:
+            return node[arg]
+        try:
+            from torchtune.config._utils import _get_component_from_path
+
+            p = inspect.signature(_get_component_from_path(str(node["_component_"]))).parameters.get(arg)
+            return None if p is None or p.default is inspect.Parameter.empty else p.default
+        except Exception:
+            return None
+
+    def hyperparameters(self) -> None:
+        cfg = self.cfg
+        for key in ("batch_size", "epochs", "gradient_accumulation_steps"):
+            self._number(key, 1, strict=False, integer=True, optional=False)
+        for key in ("max_steps_per_epoch", "save_every_n_steps", "keep_last_n_checkpoints", "log_every_n_steps"):
+            self._number(key, 1, strict=False, integer=True)
+        self._number("clip_grad_norm", 0, strict=True, integer=False)
+        for key in ("ce_weight", "kd_weight", "cosine_weight"):
+            self._number(key, 0, strict=False, integer=False)
+        ratio = cfg.get("kd_ratio")
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
+            self.add("kd_ratio", f"must be in [0, 1], got {ratio!r}")
+        dtype = cfg.get("dtype")
+        if dtype not in ("fp32", "bf16"):
+            self.add("dtype", f"must be fp32 or bf16, got {dtype!r}")
+        policy = cfg.get("nonfinite_policy", "skip")
+        if policy not in ("skip", "stop"):
+            self.add(
+                "nonfinite_policy", f"must be 'skip' or 'stop', got {policy!r}{_suggest(str(policy), ['skip', 'stop'])}"
+            )
+        if cfg.get("optimizer") is not None:
+            self._number("optimizer.lr", 0, strict=True, integer=False)
+        for key in ("loss", "kd_loss"):
+            if cfg.get(key) is not None and "num_output_chunks" in cfg[key]:
+                self._number(f"{key}.num_output_chunks", 1, strict=False, integer=True)
+        kd = cfg.get("kd_loss")
+        if kd is None:
+            return
+        component = str(kd.get("_component_", ""))
+        for arg in ("temperature",):
+            if arg in kd:
+                self._number(f"kd_loss.{arg}", 0, strict=True, integer=False)
+        if component.endswith("TADLoss"):
+            self._number("kd_loss.beta", 0, strict=True, integer=False)
+            top_k = self._component_default("kd_loss", "top_k")
+            if top_k is not None and "top_k" in kd:
+                self._number("kd_loss.top_k", 1, strict=False, integer=True)
+
+    # --- models -------------------------------------------------------------------------------------
+    def build_models(self) -> None:
+        import torch
+        from torchtune import config
+
+        for key in ("model", "teacher_model"):
+            node = self.cfg.get(key)
+            if (
+                node is None
+                or not isinstance(node, DictConfig)
+                or any(p.key.startswith(f"{key}.") for p in self.problems)
+            ):
+                continue
+            try:
+                with torch.device("meta"):
+                    self.models[key] = config.instantiate(node)
+            except Exception as err:
+                self.add(key, f"cannot build the model ({_short(err)})")
+        student, teacher = self.models.get("model"), self.models.get("teacher_model")
+        v_s = _vocab(student)
+        v_t = _vocab(teacher)
+        uses_teacher = (
+            float(self.cfg.get("kd_weight", 1.0) or 0) != 0 or float(self.cfg.get("cosine_weight", 0) or 0) != 0
+        )
+        if uses_teacher and v_s is not None and v_t is not None and v_t < v_s:
+            self.add(
+                "teacher_model.vocab_size",
+                f"teacher vocabulary {v_t} < student vocabulary {v_s}: student ids >= {v_t} would get no teacher "
+                "logits; use a teacher of the same tokenizer family or a student with <= the teacher's vocabulary",
+            )
+        top_k = self._component_default("kd_loss", "top_k") if self.cfg.get("kd_loss") is not None else None
+        if isinstance(top_k, int) and v_s is not None and top_k >= v_s:
+            self.add("kd_loss.top_k", f"top_k={top_k} must be smaller than the student vocabulary ({v_s})")
+        seq = _get(self.cfg, "tokenizer.max_seq_len")
+        if isinstance(seq, int):
+            limits = [
+                (getattr(m, "max_seq_len", None), k)
+                for k, m in (("model", student), ("teacher_model", teacher if uses_teacher else None))
+            ]
+            limits = [(n, k) for n, k in limits if isinstance(n, int)]
+            if limits and seq > min(limits)[0]:
+                limit, key = min(limits)
+                self.add(
+                    "tokenizer.max_seq_len",
+                    f"{seq} is larger than {key} supports ({key}.max_seq_len={limit}); lower it to <= {limit}",
+                )
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def checkpoints(self) -> None:
+        uses_teacher = (
+            float(self.cfg.get("kd_weight", 1.0) or 0) != 0 or float(self.cfg.get("cosine_weight", 0) or 0) != 0
+        )
+        pairs = [("checkpointer", "model")] + ([("teacher_checkpointer", "teacher_model")] if uses_teacher else [])
+        for key, model_key in pairs:
+            node = self.cfg.get(key)
+            if node is None:
+                if key == "teacher_checkpointer":
+                    self.add(key, "kd_weight or cosine_weight is non-zero but no teacher_checkpointer is configured")
+                continue
+            if any(p.key.startswith(f"{key}.") or p.key == key for p in self.problems):
+                continue
+            ckpt_dir = Path(str(node.get("checkpoint_dir", "")))
+            if not ckpt_dir.is_dir():
+                self.add(f"{key}.checkpoint_dir", f"{ckpt_dir} is not a folder")
+                continue
+            files = node.get("checkpoint_files")
+            if not isinstance(files, ListConfig):
+                continue  # torchtune's {filename_format, max_filename} form: torchtune checks it itself
+            missing = [str(f) for f in files if not (ckpt_dir / str(f)).is_file()]
+            if missing:
+                self.add(f"{key}.checkpoint_files", f"missing under {ckpt_dir}: {', '.join(missing)}")
+                continue
+            component = str(node.get("_component_", ""))
+            model = self.models.get(model_key)
+            if (
+                component.endswith(("FullModelTorchTuneCheckpointer", "FullModelMetaCheckpointer"))
+                and model is not None
+            ):
+                self._compare_weights(key, ckpt_dir, [str(f) for f in files], model, component.endswith("Meta"))
+            elif component.endswith("FullModelHFCheckpointer") and not (ckpt_dir / "config.json").is_file():
+                self.add(f"{key}.checkpoint_dir", f"{ckpt_dir} has no config.json (an HF checkpoint needs it)")
+
+    def _compare_weights(self, key: str, ckpt_dir: Path, files: list[str], model: Any, meta: bool) -> None:
+        from tad_torchtune.reliability.safe_load import UnsafeCheckpointError, safe_load
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in files:
+            try:
+                sd = _shapes_only(ckpt_dir / name)
+            except UnsafeCheckpointError as err:
+                self.add(f"{key}.checkpoint_files", str(err))
+                return
+            except Exception as err:
+                self.add(f"{key}.checkpoint_files", f"cannot read {ckpt_dir / name} ({_short(err)})")
+                return
+            shapes.update(sd)
+        if meta:
+            return  # Meta key names are converted by torchtune; existence and safety were checked
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(shapes))
+        extra = sorted(set(shapes) - set(expected))
+        wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+        if missing or extra or wrong:
+            parts = []
+            if wrong:
+                k = wrong[0]
+                parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: file {shapes[k]} vs model {expected[k]}")
+            if missing:
+                parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+            if extra:
+                parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
+            model_key = "model" if key == "checkpointer" else "teacher_model"
+            self.add(
+                f"{key}.checkpoint_files",
+                f"{ckpt_dir} does not match {model_key}: {'; '.join(parts)} (wrong checkpoint or wrong model dims)",
+            )
+        del safe_load
+
+    # --- tokenizers -----------------------------------------------------------------------------------
+    def tokenizers(self) -> None:
+        from torchtune import config
+
+        if self.cfg.get("tokenizer") is None or any(p.key.startswith("tokenizer") for p in self.problems):
+            return
+        try:
+            self.tokenizer = config.instantiate(self.cfg.tokenizer)
+        except Exception as err:
+            self.add("tokenizer", f"cannot build the tokenizer ({_short(err)})")
+            return
+        v_tok = getattr(self.tokenizer, "vocab_size", None)
+        v_s = _vocab(self.models.get("model"))
+        if isinstance(v_tok, int) and v_s is not None and v_tok > v_s:
+            self.add(
+                "tokenizer",
+                f"the tokenizer has {v_tok} ids but the student embeds only {v_s} (model.vocab_size); "
+                "ids >= that would index out of range",
+            )
+        if self.cfg.get("teacher_tokenizer") is None:
+            return
+        try:
+            teacher_tok = config.instantiate(self.cfg.teacher_tokenizer)
+        except Exception as err:
+            self.add("teacher_tokenizer", f"cannot build the tokenizer ({_short(err)})")
+            return
+        from tad_torchtune.data.vocab import check_vocab_alignment
+
+        report = check_vocab_alignment(
+            teacher_tok,
+            self.tokenizer,
+            raise_on_mismatch=False,
+            teacher_name="teacher_tokenizer",
+            student_name="tokenizer",
+        )
+        ok = getattr(report, "ok", None)
+        if ok is False or (ok is None and getattr(report, "num_mismatched", 0)):
+            summary = report.summary() if hasattr(report, "summary") else str(report)
+            self.add("teacher_tokenizer", f"vocabulary mismatch between teacher and student: {summary.splitlines()[0]}")
+
+    # --- data ---------------------------------------------------------------------------------------
+    def data(self) -> None:
+        from torchtune import config
+
+        if not self.check_data or self.tokenizer is None or self.cfg.get("dataset") is None:
+            return
+        if any(p.key.startswith("dataset") for p in self.problems):
+            return
+        ds_cfg = self.cfg.dataset
+        try:
+            parts = [
+                config.instantiate(c, self.tokenizer) for c in (ds_cfg if isinstance(ds_cfg, ListConfig) else [ds_cfg])
+            ]
+            n = sum(len(p) for p in parts)
+        except Exception as err:
+            self.add("dataset", f"cannot build the dataset ({_short(err)})")
+            return
+        bs, accum = self.cfg.get("batch_size"), self.cfg.get("gradient_accumulation_steps")
+        if n == 0:
+            self.add("dataset", "is empty (0 samples)")
+        elif isinstance(bs, int) and isinstance(accum, int) and bs >= 1 and accum >= 1:
+            need = bs * accum * self.world_size
+            if n < need:
+                self.add(
+                    "dataset",
+                    f"has {n} samples but one optimizer step needs {need} (batch_size={bs} x "
+                    f"gradient_accumulation_steps={accum} x {self.world_size} process(es)); add data or shrink "
+                    "the batch",
+                )
+
+    # --- output and resume --------------------------------------------------------------------------------
+    def output_dir(self) -> None:
+        out = self.cfg.get("output_dir")
+        if out is None:
+            self.add("output_dir", "is required")
+            return
+        path = Path(str(out))
+        if path.exists() and not path.is_dir():
+            self.add("output_dir", f"{path} exists and is not a folder")
+            return
+        probe_dir = path
+        while not probe_dir.exists():
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            self.add("output_dir", f"{path} cannot be created: {probe_dir} is a file, not a folder")
+            return
+        try:
+            fd, name = tempfile.mkstemp(prefix=".tad_write_probe_", dir=probe_dir)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as err:
+            where = "" if probe_dir == path else f" (its nearest existing parent {probe_dir})"
+            self.add("output_dir", f"{path}{where} is not writable ({err.strerror})")
+
+    def resume(self) -> None:
+        from tad_torchtune.reliability.manifest import verify_manifest
+        from tad_torchtune.training.checkpoint import FILES, find_latest_checkpoint
+
+        resume = self.cfg.get("resume_from_checkpoint", False)
+        if resume in (False, None):
+            return
+        root = Path(str(self.cfg.get("output_dir", "."))) / "checkpoints"
+        if resume is True:
+            if find_latest_checkpoint(root) is None:
+                self.add(
+                    "resume_from_checkpoint",
+                    f"true, but there is no complete checkpoint under {root} to resume from; set it to false to start "
+                    "from step 0",
+                )
+            return
+        path = Path(str(resume))
+        if not path.is_dir():
+            self.add("resume_from_checkpoint", f"{path} is not a checkpoint folder")
+            return
+        problem = verify_manifest(path, FILES)
+        if problem is not None:
+            self.add("resume_from_checkpoint", f"{path} is not a complete checkpoint: {problem}")
+
+
+def _vocab(model: Any) -> int | None:
+    emb = getattr(model, "tok_embeddings", None)
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if n is not None else None
+
+
+def _shapes_only(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a checkpoint file without loading its data (safetensors header / mmap'd weights-only load)."""
+    from tad_torchtune.reliability.safe_load import safe_load
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    sd = safe_load(path, mmap=True)
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def validate_config(cfg: DictConfig, *, check_data: bool = True, world_size: int | None = None) -> list[Problem]:
+    """Runs every start-up check; returns the problems found (empty when the config is good).
+
+    Args:
+        cfg (DictConfig): a ``knowledge_distillation_tad`` config.
+        check_data (bool): build the dataset to check it is non-empty and long enough. Default: True
+        world_size (int | None): processes the run will use. Default: ``$WORLD_SIZE`` or 1
+
+    Returns:
+        list[Problem]: one entry per finding, each naming the key.
+    """
+    ws = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
+    return _Checker(cfg, check_data=check_data, world_size=ws).run()
+
+
+def validate_or_raise(cfg: DictConfig, **kwargs: Any) -> None:
+    """:func:`validate_config`, raising :class:`ConfigValidationError` listing every problem."""
+    problems = validate_config(cfg, **kwargs)
+    if problems:
+        raise ConfigValidationError(problems)
+
+
+def load_config(config: str, overrides: list[str]) -> DictConfig:
+    """A config file (or a shipped config name) merged with ``key=value`` overrides, like ``tune run``."""
+    path = Path(config)
+    if not path.is_file():
+        from tad_torchtune._registry import config_dirs
+
+        for d in config_dirs():
+            cand = d / f"{config.removesuffix('.yaml')}.yaml"
+            if cand.is_file():
+                path = cand
+                break
+        else:
+            raise FileNotFoundError(f"config {config!r} is neither a file nor a shipped config name")
+    cfg = OmegaConf.load(path)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides {bad} are not key=value")
+    # YAML-typed values (lr=0 is the number 0), as tune run parses them.
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tad-tune validate --config X [key=value ...]``: exit 0 when the config is good, 1 with one line per problem."""
+    parser = argparse.ArgumentParser(
+        prog="tad-tune validate",
+        description="Check a knowledge_distillation_tad config before spending any compute (docs/reliability.md).",
+    )
+    parser.add_argument("--config", required=True, help="config file or shipped config name (e.g. tiny_cpu)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for tune run")
+    parser.add_argument("--no-data", action="store_true", help="skip building the dataset")
+    parser.add_argument("--world-size", type=int, default=None, help="processes the run will use (default 1)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except Exception as err:
+        print(f"config: {_short(err)}", file=sys.stderr)
+        return 1
+    problems = validate_config(cfg, check_data=not args.no_data, world_size=args.world_size)
+    if problems:
+        for p in problems:
+            print(p)
+        print(f"{len(problems)} problem(s); nothing was run", file=sys.stderr)
+        return 1
+    print("OK")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
