@@ -1,7 +1,9 @@
 r"""Plain reference implementations, written to read like the definitions (TAD_SPEC §1-2).
 
-fp64, full tensors, no chunking, no closed-form gradients: gradients come from autograd. Used only by the
-tests and benchmarks to check the production losses, never by training code.
+fp64 by default, full tensors, no chunking, no closed-form gradients: gradients come from autograd. Used only
+by the tests and benchmarks to check the production losses, never by training code. Every function takes
+``dtype`` (default ``torch.float64``): the tests also run them in bf16/fp32 to get the error a naive
+low-precision implementation makes, which the production losses must not exceed.
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def _prepare(student_logits, teacher_logits, temperature):
+def _prepare(student_logits, teacher_logits, temperature, dtype=torch.float64):
     vocab = student_logits.size(-1)
-    s = student_logits.double() / temperature
-    t = teacher_logits[..., :vocab].double() / temperature
+    s = student_logits.to(dtype) / temperature
+    t = teacher_logits[..., :vocab].to(dtype) / temperature
     return torch.softmax(s, -1), torch.softmax(t, -1)
 
 
@@ -38,6 +40,7 @@ def tad_reference(
     ignore_index: int = -100,
     normalize: bool = True,
     return_terms: bool = False,
+    dtype: torch.dtype = torch.float64,
 ):
     """TAD's L_DIV by the definitions of TAD_SPEC §1-2, in fp64.
 
@@ -51,7 +54,7 @@ def tad_reference(
     Returns:
         torch.Tensor: 0-d fp64 loss (mean over valid tokens, or sum when ``normalize=False``).
     """
-    ps, pt = _prepare(student_logits, teacher_logits, temperature)
+    ps, pt = _prepare(student_logits, teacher_logits, temperature, dtype)
     top = torch.zeros_like(pt, dtype=torch.bool).scatter(-1, pt.topk(top_k, dim=-1).indices, True)
     zero = torch.zeros_like(pt)
     alpha_t = torch.where(top, zero, pt).sum(-1)  # teacher tail mass, summed over the tail directly
@@ -67,7 +70,7 @@ def tad_reference(
         mean_alpha = torch.where(valid, alpha_t, torch.zeros_like(alpha_t)).sum(-1) / valid.sum(-1).clamp_min(1)
         w = torch.where(mean_alpha > 0, beta / mean_alpha, torch.zeros_like(mean_alpha))
     else:
-        w = torch.full(alpha_t.shape[:1], float(beta), dtype=torch.float64, device=alpha_t.device)
+        w = torch.full(alpha_t.shape[:1], float(beta), dtype=dtype, device=alpha_t.device)
     per_token = (dkl1 + w[:, None] * alpha_t * dkl2) * temperature**2
     loss = _reduce(per_token, labels, ignore_index, normalize)
     if return_terms:
@@ -76,39 +79,61 @@ def tad_reference(
     return loss
 
 
-def forward_kl_reference(student_logits, teacher_logits, labels, temperature=1.0, ignore_index=-100, normalize=True):
+def forward_kl_reference(
+    student_logits, teacher_logits, labels, temperature=1.0, ignore_index=-100, normalize=True, dtype=torch.float64
+):
     """KL(p_T ‖ p_S) per token, reduced over valid positions, times τ²."""
-    ps, pt = _prepare(student_logits, teacher_logits, temperature)
+    ps, pt = _prepare(student_logits, teacher_logits, temperature, dtype)
     return _reduce(_kl_terms(pt, ps).sum(-1) * temperature**2, labels, ignore_index, normalize)
 
 
-def reverse_kl_reference(student_logits, teacher_logits, labels, temperature=1.0, ignore_index=-100, normalize=True):
+def reverse_kl_reference(
+    student_logits, teacher_logits, labels, temperature=1.0, ignore_index=-100, normalize=True, dtype=torch.float64
+):
     """KL(p_S ‖ p_T) per token, reduced over valid positions, times τ²."""
-    ps, pt = _prepare(student_logits, teacher_logits, temperature)
+    ps, pt = _prepare(student_logits, teacher_logits, temperature, dtype)
     return _reduce(_kl_terms(ps, pt).sum(-1) * temperature**2, labels, ignore_index, normalize)
 
 
 def symmetric_kl_reference(
-    student_logits, teacher_logits, labels, sym_kd_ratio=0.5, temperature=1.0, ignore_index=-100, normalize=True
+    student_logits,
+    teacher_logits,
+    labels,
+    sym_kd_ratio=0.5,
+    temperature=1.0,
+    ignore_index=-100,
+    normalize=True,
+    dtype=torch.float64,
 ):
     """``r·KL(p_T‖p_S) + (1−r)·KL(p_S‖p_T)``."""
-    ps, pt = _prepare(student_logits, teacher_logits, temperature)
+    ps, pt = _prepare(student_logits, teacher_logits, temperature, dtype)
     per_token = sym_kd_ratio * _kl_terms(pt, ps).sum(-1) + (1 - sym_kd_ratio) * _kl_terms(ps, pt).sum(-1)
     return _reduce(per_token * temperature**2, labels, ignore_index, normalize)
 
 
-def jsd_reference(student_logits, teacher_logits, labels, beta=0.5, temperature=1.0, ignore_index=-100, normalize=True):
+def jsd_reference(
+    student_logits,
+    teacher_logits,
+    labels,
+    beta=0.5,
+    temperature=1.0,
+    ignore_index=-100,
+    normalize=True,
+    dtype=torch.float64,
+):
     """``β·KL(p_T‖m) + (1−β)·KL(p_S‖m)`` with ``m = β·p_T + (1−β)·p_S``."""
-    ps, pt = _prepare(student_logits, teacher_logits, temperature)
+    ps, pt = _prepare(student_logits, teacher_logits, temperature, dtype)
     m = beta * pt + (1 - beta) * ps
     per_token = beta * _kl_terms(pt, m).sum(-1) + (1 - beta) * _kl_terms(ps, m).sum(-1)
     return _reduce(per_token * temperature**2, labels, ignore_index, normalize)
 
 
-def todi_reference(student_logits, teacher_logits, labels, temperature=1.0, ignore_index=-100, normalize=True):
+def todi_reference(
+    student_logits, teacher_logits, labels, temperature=1.0, ignore_index=-100, normalize=True, dtype=torch.float64
+):
     """ToDi: ``Σ_i w_i·p_T,i·log(p_T,i/p_S,i) + (1−w_i)·p_S,i·log(p_S,i/p_T,i)``, ``w_i = σ(log p_T,i − log p_S,i)``
     held constant."""
-    ps, pt = _prepare(student_logits, teacher_logits, temperature)
+    ps, pt = _prepare(student_logits, teacher_logits, temperature, dtype)
     w = torch.sigmoid(torch.log(pt) - torch.log(ps)).detach()
     per_token = (w * _kl_terms(pt, ps) + (1 - w) * _kl_terms(ps, pt)).sum(-1)
     return _reduce(per_token * temperature**2, labels, ignore_index, normalize)
