@@ -97,8 +97,9 @@ def markdown_table(
     Returns:
         str: the table; accuracies are in percent with one decimal, Avg is over accuracy columns only.
     """
-    first = next(iter(runs.values()))
-    columns = leaf_tasks(first, requested)
+    # Group membership from whichever runs carry it (a baseline JSON may hold only per-task results).
+    merged = {"group_subtasks": {k: v for r in runs.values() for k, v in r.get("group_subtasks", {}).items()}}
+    columns = leaf_tasks(merged, requested)
     per_run = {name: scores(res, columns, metrics) for name, res in runs.items()}
     columns = [c for c in columns if any(c in s for s in per_run.values())]
     acc_cols = [c for c in columns if any(c in s and s[c][0] in ACCURACY_METRICS for s in per_run.values())]
