@@ -21,10 +21,10 @@ over many slices: peers.md §14.4).
 **w(X) needs every position's teacher tail mass first** (TAD_SPEC §3.7). The loss therefore makes a
 cheap first pass over the teacher slices under ``no_grad``: project, log-sum-exp, top-K, tail
 log-sum-exp, keep ``[N]`` floats and ``[N, K]`` ids, free the logits. The second pass projects the teacher
-again. Cost of the scheme: one extra teacher output projection (``2·D_T·V`` FLOPs per token, +6.7% on
-a Qwen1.5-1.8B → 1.2B step, 9.27 → 9.89 GFLOP per token; see ``docs/performance.md``) and one log-sum-exp and top-K over ``V``;
-memory ``(3 + K)·4..8`` bytes per token. Divergences without sequence statistics (forward KL) skip it.
-The unnormalised TAD form (``normalize_beta=False``) still runs it, since the top-K ids come from it.
+again. Cost of the scheme: one extra teacher output projection (``2·D_T·V`` FLOPs per token: +6.7%,
+9.27 → 9.89 GFLOP per token, for Qwen1.5-1.8B → 1.2B; see ``docs/performance.md``) plus one log-sum-exp
+and top-K over ``V``; memory ``(3 + K)·4..8`` bytes per token. Divergences without sequence statistics
+(forward KL) skip it. The unnormalised TAD form (``normalize_beta=False``) still runs it, (it yields the top-K ids).
 
 This module imports only ``torch`` and our own losses.
 """

@@ -1,0 +1,162 @@
+"""Loss-stage benchmark: torchtune's chunked KL vs our TADLoss on the same chunks vs the fused linear path.
+
+The *loss stage* is everything after the final norm, forward and backward: output projections of both
+models, the divergence, and the gradients for the student's hidden states and output weight.
+
+Providers:
+  torchtune  (a) chunked logits (8 chunks, as ``set_num_output_chunks``) + ``ForwardKLWithChunkedOutputLoss``
+  tad        (b) the same chunked logits + our ``TADLoss``
+  fused      (c) ``FusedLinearTADLoss`` (hidden states + weights; never ``[B, S, V]``)
+  fused_kl       ``FusedLinearForwardKLLoss`` (vanilla KD on the fused machinery)
+  fused_compiled ``FusedLinearTADLoss(compile_chunk=True)`` (compile time excluded: warm-up call first)
+
+Every measurement runs in a fresh subprocess (so ``ru_maxrss`` is that provider's own high-water mark);
+peak memory = ``ru_maxrss`` after one full step minus ``ru_maxrss`` once the inputs exist. Times are the
+median of ``--iters`` steps after one warm-up step; providers are interleaved ``--reps`` times and the
+median over repetitions is reported (the machine is shared).
+
+    python benchmarks/benchmark_fused.py                      # side by side at reduced sizes (CPU)
+    python benchmarks/benchmark_fused.py --scaling            # time/memory as V, N and K grow (fused)
+    python benchmarks/benchmark_fused.py --worker fused --tokens 512 --vocab 32000 --dim 256   # one point
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PROVIDERS = ("torchtune", "tad", "fused", "fused_kl")
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def worker(provider: str, tokens: int, vocab: int, dim: int, top_k: int, iters: int, chunk: int) -> dict:
+    import torch
+
+    from tad_torchtune.losses import TADLoss
+    from tad_torchtune.losses.fused_linear import FusedLinearForwardKLLoss, FusedLinearTADLoss
+
+    torch.manual_seed(0)
+    batch = 4 if tokens >= 4 * 64 else 1
+    seq = tokens // batch
+    hs = torch.randn(batch, seq, dim, requires_grad=True)
+    ws = (torch.randn(vocab, dim) / dim**0.5).requires_grad_(True)
+    ht = torch.randn(batch, seq, dim)
+    wt = torch.randn(vocab, dim) / dim**0.5
+    labels = torch.randint(0, vocab, (batch, seq))
+
+    if provider in ("torchtune", "tad"):
+        if provider == "torchtune":
+            from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+
+            loss_fn = ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
+        else:
+            loss_fn = TADLoss(top_k=top_k, num_output_chunks=8)
+
+        def step():
+            s_chunks = [torch.nn.functional.linear(c, ws) for c in hs.chunk(8, dim=1)]
+            with torch.no_grad():
+                t_chunks = [torch.nn.functional.linear(c, wt) for c in ht.chunk(8, dim=1)]
+            loss = loss_fn(s_chunks, t_chunks, labels)
+            loss.backward()
+            return loss
+    else:
+        if provider == "fused_kl":
+            loss_fn = FusedLinearForwardKLLoss(chunk_size=chunk)
+        else:
+            loss_fn = FusedLinearTADLoss(top_k=top_k, chunk_size=chunk, compile_chunk=provider == "fused_compiled")
+
+        def step():
+            loss = loss_fn(hs, ws, ht, wt, labels)
+            loss.backward()
+            return loss
+
+    base = _rss_mib()
+    times = []
+    for i in range(iters + 1):
+        hs.grad = ws.grad = None
+        t0 = time.perf_counter()
+        loss = step()
+        dt = time.perf_counter() - t0
+        if i == 0:
+            peak = _rss_mib() - base  # the first step sets the high-water mark (later ones reuse the heap)
+        else:
+            times.append(dt)
+    return {
+        "provider": provider, "tokens": tokens, "vocab": vocab, "dim": dim, "top_k": top_k, "chunk": chunk,
+        "time_s": statistics.median(times), "peak_mib": peak, "loss": float(loss), "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def _run(provider: str, tokens: int, vocab: int, dim: int, top_k: int, iters: int, chunk: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", provider, "--tokens", str(tokens),
+           "--vocab", str(vocab), "--dim", str(dim), "--top-k", str(top_k), "--iters", str(iters),
+           "--chunk", str(chunk)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def side_by_side(args) -> list[dict]:
+    rows = []
+    for vocab, dim, token_list in ((32_000, args.dim, (1024, 2048)), (151_936, args.dim, (256, 512))):
+        for tokens in token_list:
+            runs: dict[str, list[dict]] = {p: [] for p in args.providers}
+            for _ in range(args.reps):  # interleave providers, repeat, take medians
+                for p in args.providers:
+                    runs[p].append(_run(p, tokens, vocab, dim, args.top_k, args.iters, args.chunk))
+            base = None
+            for p in args.providers:
+                t = statistics.median(r["time_s"] for r in runs[p])
+                m = statistics.median(r["peak_mib"] for r in runs[p])
+                base = base or (t, m)
+                row = {"vocab": vocab, "dim": dim, "tokens": tokens, "provider": p, "time_s": t, "peak_mib": m,
+                       "time_vs_a": t / base[0], "mem_vs_a": m / base[1]}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def scaling(args) -> list[dict]:
+    rows = []
+    points = [(v, 512, 10) for v in (8_000, 32_000, 128_000)]
+    points += [(32_000, n, 10) for n in (256, 1024, 2048)]
+    points += [(32_000, 512, k) for k in (1, 5, 20, 50)]
+    for vocab, tokens, k in points:
+        runs = [_run("fused", tokens, vocab, args.dim, k, args.iters, args.chunk) for _ in range(args.reps)]
+        row = {"vocab": vocab, "tokens": tokens, "top_k": k, "time_s": statistics.median(r["time_s"] for r in runs),
+               "peak_mib": statistics.median(r["peak_mib"] for r in runs)}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", choices=PROVIDERS + ("fused_compiled",), help="run one measurement, print JSON")
+    parser.add_argument("--tokens", type=int, default=1024, help="B·S")
+    parser.add_argument("--vocab", type=int, default=32_000)
+    parser.add_argument("--dim", type=int, default=256, help="hidden size of both models")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--chunk", type=int, default=256, help="fused chunk size in tokens")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS))
+    parser.add_argument("--scaling", action="store_true")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tokens, args.vocab, args.dim, args.top_k, args.iters, args.chunk)))
+        return 0
+    scaling(args) if args.scaling else side_by_side(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
