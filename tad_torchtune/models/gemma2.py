@@ -146,21 +146,26 @@ class Gemma2Attention(nn.Module):
             raise RuntimeError("Key value caches are not set up; call setup_caches() first.")
         self.kv_cache.reset()
 
-    def _allowed(self, mask, s_q: int, s_k: int, input_pos, device) -> torch.Tensor:
-        """Boolean ``[B or 1, 1, s_q, s_k]``: True where query i may attend key j."""
-        if input_pos is None:
-            q_pos = torch.arange(s_q, device=device).view(1, s_q)
+    def _allowed(self, mask, s_q: int, s_k: int, input_pos, cached: bool, device) -> torch.Tensor:
+        """Boolean ``[B or 1, 1, s_q, s_k]``: True where query i may attend key j.
+
+        The sliding window compares *sequence indices* (cache slots when decoding with a KV cache), not
+        ``input_pos``: in a packed training batch ``input_pos`` restarts at every document while the key
+        index does not, and the block-causal ``mask`` already keeps documents apart.
+        """
+        if cached and input_pos is not None:
+            q_idx = input_pos.view(-1, s_q)
         else:
-            q_pos = input_pos.view(-1, s_q)
-        k_pos = torch.arange(s_k, device=device)
+            q_idx = torch.arange(s_q, device=device).view(1, s_q)
+        k_idx = torch.arange(s_k, device=device)
         if mask is None:
-            allowed = k_pos.view(1, 1, s_k) <= q_pos.unsqueeze(-1)  # causal
+            allowed = k_idx.view(1, 1, s_k) <= q_idx.unsqueeze(-1)  # causal
         else:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise NotImplementedError("Gemma2Attention takes a boolean [B, S, S] mask (packed=True is fine).")
             allowed = mask
         if self.sliding_window is not None:
-            allowed = allowed & (q_pos.unsqueeze(-1) - k_pos.view(1, 1, s_k) < self.sliding_window)
+            allowed = allowed & (q_idx.unsqueeze(-1) - k_idx.view(1, 1, s_k) < self.sliding_window)
         return allowed.unsqueeze(1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, mask=None, input_pos=None) -> torch.Tensor:
@@ -173,9 +178,10 @@ class Gemma2Attention(nn.Module):
         q = self.pos_embeddings(q, input_pos=input_pos).transpose(1, 2)  # [B, H, S, hd]
         k = self.pos_embeddings(k, input_pos=input_pos).transpose(1, 2)  # [B, KV, S, hd]
         v = v.transpose(1, 2)
-        if self.kv_cache is not None and self.cache_enabled:
+        cached = self.kv_cache is not None and self.cache_enabled
+        if cached:
             k, v = self.kv_cache.update(k, v)
-        allowed = self._allowed(mask, s, k.shape[2], input_pos, x.device)
+        allowed = self._allowed(mask, s, k.shape[2], input_pos, cached, x.device)
         if self.attn_impl == "flex":
             out = self._flex(q, k, v, allowed)
         else:
