@@ -221,8 +221,21 @@ class Gemma2Attention(nn.Module):
         block_mask = create_block_mask(
             mask_mod, B=bsz if bsz > 1 else None, H=None, Q_LEN=q.shape[2], KV_LEN=k.shape[2], device=q.device
         )
-        fn = torch.compile(flex_attention) if q.is_cuda else flex_attention
+        fn = _compiled_flex() if q.is_cuda else flex_attention  # eager flex (CPU) materialises the scores
         return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scaling, enable_gqa=True)
+
+
+_FLEX_COMPILED = None
+
+
+def _compiled_flex():
+    """``torch.compile(flex_attention)``, built once per process (compiling per call would retrace)."""
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED
 
 
 def gemma2(
