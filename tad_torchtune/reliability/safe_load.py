@@ -1,6 +1,6 @@
 """Loading checkpoint files without running code from them.
 
-A ``torch.save`` file is a pickle: loaded with ``weights_only=False`` it can run any code its author put in it.
+A ``torch.save`` file is a pickle: loaded without ``weights_only`` it can run any code its author put in it.
 Everything here loads with safetensors or ``torch.load(weights_only=True)``, whose unpickler only rebuilds
 tensors, containers and primitive types, plus the few NumPy types a NumPy RNG state needs (a ``uint32``
 array and its dtype; no function of NumPy that could run code).
