@@ -163,7 +163,8 @@ class InstructionDataset(Dataset):
         tokenizer: the student's torchtune ``ModelTokenizer`` (or an HF tokenizer).
         sources (Sequence[Mapping]): ``[{"source": path or hub id, "prompt_column": ..., "answer_column": ...,
             "split": "train" (optional), "max_examples": int (optional)}]``, concatenated in order.
-        max_seq_len (int): longer examples are cut to this many tokens. Default: 2048.
+        max_seq_len (int): longer examples are cut to this many tokens (or to the tokenizer's own
+            ``max_seq_len`` when that is shorter). Default: 2048.
         prompt_template: None uses the tokenizer's own template (its ``prompt_template``) or, when it has
             none, ``"qa"`` (``Question: ...\\nAnswer: ``); see :func:`build_prompt_template`. Default: None.
         train_on_input (bool): also train on prompt tokens. Default: False (the paper masks them).
@@ -197,7 +198,10 @@ class InstructionDataset(Dataset):
         if prompt_template is None and own is None:
             prompt_template = "qa"
         template = build_prompt_template(prompt_template)
-        self.max_seq_len = int(max_seq_len)
+        # A torchtune tokenizer's own max_seq_len would cut examples inside tokenize_messages, unseen by the
+        # truncation count below: the shorter of the two limits applies, and the cut happens here.
+        tok_limit = getattr(tokenizer, "max_seq_len", None)
+        self.max_seq_len = int(min(max_seq_len, tok_limit) if isinstance(tok_limit, int) else max_seq_len)
         pairs: list[tuple[str, str]] = []
         self.source_sizes: dict[str, int] = {}
         for spec in sources:
@@ -217,14 +221,19 @@ class InstructionDataset(Dataset):
             raise ValueError(f"no (prompt, answer) rows found in {list(sources)}")
 
         chunks = [pairs[i : i + 512] for i in range(0, len(pairs), 512)]
-        if num_workers > 1:
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            with ctx.Pool(num_workers, initializer=_init, initargs=(tokenizer, template, train_on_input)) as pool:
-                results = pool.imap(_tokenize_chunk, chunks)
-                encoded = [e for chunk in results for e in chunk]
-        else:
-            _init(tokenizer, template, train_on_input)
-            encoded = [e for chunk in chunks for e in _tokenize_chunk(chunk)]
+        if tok_limit is not None:
+            tokenizer.max_seq_len = None
+        try:
+            if num_workers > 1:
+                ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+                with ctx.Pool(num_workers, initializer=_init, initargs=(tokenizer, template, train_on_input)) as pool:
+                    encoded = [e for chunk in pool.imap(_tokenize_chunk, chunks) for e in chunk]
+            else:
+                _init(tokenizer, template, train_on_input)
+                encoded = [e for chunk in chunks for e in _tokenize_chunk(chunk)]
+        finally:
+            if tok_limit is not None:
+                tokenizer.max_seq_len = tok_limit
 
         lengths, toks, masks = [], [], []
         self.num_truncated = self.num_dropped = 0
@@ -238,6 +247,11 @@ class InstructionDataset(Dataset):
             lengths.append(len(tokens))
             toks.append(np.asarray(tokens, dtype=np.int32))
             masks.append(np.asarray(mask, dtype=bool))
+        if not lengths:
+            raise ValueError(
+                f"all {len(encoded)} examples were dropped: their prompts alone fill max_seq_len={self.max_seq_len} "
+                "tokens; raise max_seq_len (and the tokenizer's max_seq_len)"
+            )
         self._offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self._tokens = np.concatenate(toks)
         self._mask = np.concatenate(masks)

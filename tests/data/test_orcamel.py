@@ -112,6 +112,12 @@ def test_truncation_is_counted_and_prompt_only_examples_are_dropped(sample_files
     assert len(ds) == len(full) - ds.num_dropped
     assert all(len(ds[i]["tokens"]) <= max_len for i in range(len(ds)))
     assert f"{ds.num_truncated} truncated to {max_len}" in caplog.text
+    # A tokenizer with its own shorter max_seq_len: the cut still happens here, and is counted.
+    tok.max_seq_len = max_len
+    via_tok = orcamel_dataset(tok, orca_source=orca, camel_source=camel)
+    assert tok.max_seq_len == max_len and via_tok.max_seq_len == max_len
+    assert (via_tok.num_truncated, via_tok.num_dropped) == (ds.num_truncated, ds.num_dropped)
+    assert [via_tok[i] for i in range(len(via_tok))] == [ds[i] for i in range(len(ds))]
 
 
 def test_generic_columns_collate_and_pack(sample_files):
