@@ -172,6 +172,8 @@ def open_source(
             desc["sample_by"] = text_sample_by
         return ds, desc
     name = str(source)
+    if isinstance(source, Path) or name.startswith(("/", "./", "../", "~")) or Path(name).suffix in _EXT_TO_BUILDER:
+        raise FileNotFoundError(f"data file(s) {name!r} not found (a hub dataset id looks like 'owner/name')")
     ds = load_dataset(name, subset, split=split, streaming=streaming)
     return ds, {"kind": "hub", "name": name, "subset": subset, "split": split}
 

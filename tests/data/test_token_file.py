@@ -182,6 +182,8 @@ def test_damaged_or_foreign_files_are_refused_with_the_fix(tmp_path):
         open_token_file(out)
     with pytest.raises(ValueError, match=r"must end in \.bin"):
         write_token_file(tmp_path / "c.tok", tok, tmp_path / "c.jsonl")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        write_token_file(tmp_path / "d.bin", tok, str(tmp_path / "typo.jsonl"), num_workers=0)
     with pytest.raises(KeyError, match="columns are"):
         write_token_file(tmp_path / "d.bin", tok, tmp_path / "c.jsonl", text_column="body", num_workers=0)
 
