@@ -89,8 +89,9 @@ class Gemma2Attention(nn.Module):
         sliding_window (int | None): window ``W`` (token ``i`` sees ``j`` iff ``0 <= i - j < W``), or None.
         query_pre_attn_scalar (float | None): scores are scaled by ``query_pre_attn_scalar ** -0.5``
             (HF default 256); None means ``head_dim``.
-        attn_impl (str): ``"eager"`` (exact, query-blocked), ``"flex"`` (exact, flex attention) or
-            ``"sdpa"`` (no soft-cap). Default: "eager"
+        attn_impl (str): ``"eager"`` (exact, query-blocked), ``"flex"`` (exact, flex attention; on CPU with
+            autograd it falls back to eager, flex having no CPU backward) or ``"sdpa"`` (no soft-cap).
+            Default: "eager"
         q_block_size (int): query block size of the eager path. Default: 512
     """
 
@@ -182,7 +183,8 @@ class Gemma2Attention(nn.Module):
         if cached:
             k, v = self.kv_cache.update(k, v)
         allowed = self._allowed(mask, s, k.shape[2], input_pos, cached, x.device)
-        if self.attn_impl == "flex":
+        # flex_attention has no CPU backward: a CPU run that needs gradients takes the (exact) eager path
+        if self.attn_impl == "flex" and (q.is_cuda or not torch.is_grad_enabled()):
             out = self._flex(q, k, v, allowed)
         else:
             rep = self.num_heads // self.num_kv_heads

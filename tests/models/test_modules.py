@@ -82,3 +82,14 @@ def test_partial_rotary_leaves_pass_dims():
     assert torch.equal(y[..., 4:], x[..., 4:]) and not torch.allclose(y[..., :4], x[..., :4])
     with pytest.raises(ValueError, match="rotary_dim"):
         PartialRotaryPositionalEmbeddings(head_dim=10, rotary_dim=3, max_seq_len=8)
+
+
+def test_gemma2_flex_trains_on_cpu_via_eager_fallback():
+    """flex_attention has no CPU backward; attn_impl='flex' must still train on CPU (same grads as eager)."""
+    a, b = _gemma(), _gemma(attn_impl="flex")
+    b.load_state_dict(a.state_dict())
+    tokens = torch.randint(0, 96, (2, 9))
+    a(tokens).sum().backward()
+    b(tokens).sum().backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
