@@ -47,6 +47,7 @@ from torchtune.data import padded_collate_packed
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
+from tad_torchtune.reliability.guards import NonFiniteGuard
 from tad_torchtune.training.checkpoint import (
     find_latest_checkpoint,
     load_step_checkpoint,
@@ -60,6 +61,7 @@ from tad_torchtune.training.outputs import (
     non_empty,
     use_tensor_split_output,
 )
+from tad_torchtune.validate import validate_or_raise
 
 log = utils.get_logger("INFO")
 
@@ -85,6 +87,9 @@ class KDTADRecipe(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        # Every start-up check (keys, hyperparameters, checkpoints, vocabularies, data, output dir, resume) before
+        # a process group, model or dataset exists; raises ConfigValidationError listing all problems.
+        validate_or_raise(cfg)
         # --- distributed: only when launched by torchrun (or a process group already exists) ---
         self._owns_process_group = False
         if _launched_by_torchrun() and not dist.is_initialized():
@@ -132,6 +137,8 @@ class KDTADRecipe(FTRecipeInterface):
         self._hidden_student: HiddenStateCapture | None = None
         self._hidden_teacher: HiddenStateCapture | None = None
         self._metric_logger = None
+        # Non-finite logits/loss/gradients: skip the step or stop (docs/reliability.md).
+        self._guard = NonFiniteGuard(str(cfg.get("nonfinite_policy", "skip")), distributed=self._distributed)
 
     # ------------------------------------------------------------------------------------------------
     # setup
@@ -155,6 +162,10 @@ class KDTADRecipe(FTRecipeInterface):
             student_sd = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         else:
             student_sd = None
+        if resume_state is not None:
+            # Resumed weights go in at build time: under FSDP2, loading a full state dict assigns new
+            # parameter objects, which must happen before the optimizer holds references to them.
+            student_sd = dict(resume_state[1])
         self._model = self._setup_model(
             cfg_model=cfg.model,
             model_state_dict=student_sd,
@@ -385,11 +396,10 @@ class KDTADRecipe(FTRecipeInterface):
                 f"{path} was written by {state['world_size']} processes but this run has {self.world_size}; "
                 "resume with the same number of processes"
             )
+        # The model weights were loaded when the student was built (setup); here the rest.
         if self._distributed:
-            training.load_from_full_model_state_dict(self._model, dict(model_sd), self._device, strict=True)
             training.load_from_full_optimizer_state_dict(self._model, self._optimizer, optim_sd, self._device)
         else:
-            self._model.load_state_dict(model_sd, strict=True)
             self._optimizer.load_state_dict(optim_sd)
         if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self._lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -483,9 +493,11 @@ class KDTADRecipe(FTRecipeInterface):
         if self._teacher_model is not None:
             with torch.no_grad():
                 teacher_logits = non_empty(self._teacher_model(tokens, **model_kwargs))
+                self._guard.watch("teacher_logits", teacher_logits)
                 if self._hidden_teacher is not None:
                     teacher_hidden = self._hidden_teacher.pop()
         student_logits = non_empty(self._model(tokens, **model_kwargs))
+        self._guard.watch("student_logits", student_logits)
         label_chunks = labels.split([c.size(1) for c in student_logits], dim=1)
 
         ce = sum(
@@ -543,6 +555,7 @@ class KDTADRecipe(FTRecipeInterface):
                 stats: dict[str, torch.Tensor] = {}
                 for batch in micro:
                     out = self._loss_step(batch)
+                    self._guard.watch("loss", out["weighted"])
                     (out["weighted"] * scale).backward()
                     for k in sums:
                         sums[k] = sums[k] + out[k]
@@ -554,7 +567,9 @@ class KDTADRecipe(FTRecipeInterface):
                 )
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
-                if float(num_tokens) > 0:
+                if not self._guard.before_optimizer_step(self.global_step + 1, grad_norm, micro):
+                    pass  # a non-finite value: no optimizer step (the guard counted and logged it, or raised)
+                elif float(num_tokens) > 0:
                     self._optimizer.step()
                 elif self._is_rank_zero:
                     log.warning(f"step {self.global_step + 1}: every label is ignored; optimizer step skipped")
@@ -564,6 +579,7 @@ class KDTADRecipe(FTRecipeInterface):
                 self.global_step += 1
                 self._steps_in_epoch += 1
                 metrics = self._step_metrics(sums, stats, num_tokens, local_tokens, grad_norm, time.perf_counter() - t0)
+                metrics["nonfinite_skipped_steps"] = float(self._guard.skipped)
                 self.metrics_history.append(metrics)
                 if self._is_rank_zero:
                     pbar.update(1)

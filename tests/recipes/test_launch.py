@@ -1,0 +1,84 @@
+"""Every documented launch form runs the tiny config through the real CLI (subprocesses, CPU, gloo)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+
+from tests.recipes.conftest import TINY_CONFIG, read_disk_log, run_cli, run_in_process, tiny_cfg
+from tests.recipes.test_kd_tad import RECORDED_GRAD_NORM, RECORDED_LOSS
+
+pytestmark = pytest.mark.integration_test
+
+PY = sys.executable
+
+
+def _overrides(assets, out, *extra: str) -> list[str]:
+    return [f"assets_dir={assets}", f"output_dir={out}", *extra]
+
+
+def _check_recorded(out, steps: int) -> list[dict]:
+    rows = read_disk_log(out)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    n = min(steps, len(RECORDED_LOSS))
+    assert [r["loss"] for r in rows[:n]] == pytest.approx(RECORDED_LOSS[:n], rel=1e-5)
+    assert [r["grad_norm"] for r in rows[:n]] == pytest.approx(RECORDED_GRAD_NORM[:n], rel=1e-5)
+    return rows
+
+
+def test_tune_run_dotted_single_process(tiny_assets, tmp_path):
+    """The user's words: ``tune run tad_torchtune.recipes.kd_tad --config configs/tiny_cpu.yaml``."""
+    out = tmp_path / "out"
+    cmd = ["tune", "run", "tad_torchtune.recipes.kd_tad", "--config", "configs/tiny_cpu.yaml"]
+    run_cli(cmd + _overrides(tiny_assets, out, "max_steps_per_epoch=2"))
+    _check_recorded(out, 2)
+    assert (out / "epoch_0" / "model-00001-of-00001.bin").is_file()
+
+
+def test_python_m_module(tiny_assets, tmp_path):
+    out = tmp_path / "out"
+    cmd = [PY, "-m", "tad_torchtune.recipes.kd_tad", "--config", str(TINY_CONFIG)]
+    run_cli(cmd + _overrides(tiny_assets, out, "max_steps_per_epoch=2"))
+    _check_recorded(out, 2)
+
+
+def test_two_processes_match_one_and_resume(tiny_assets, tmp_path):
+    """``tune run --nproc_per_node 2`` (FSDP2, gloo) equals one process with the same global batch; a
+    ``torchrun -m`` run resumed from its step-2 checkpoint continues with the same losses."""
+    common = ["batch_size=2", "max_steps_per_epoch=4", "save_every_n_steps=1", "keep_last_n_checkpoints=null"]
+    full = tmp_path / "full"
+    cmd = ["tune", "run", "--nproc_per_node", "2", "tad_torchtune.recipes.kd_tad", "--config", "configs/tiny_cpu.yaml"]
+    run_cli(cmd + _overrides(tiny_assets, full, *common))
+    two = _check_recorded(full, 4)
+    one = run_in_process(tiny_cfg(tiny_assets, tmp_path / "one", max_steps_per_epoch=4, save_every_n_steps=None))
+    for r, m in zip(two, one.metrics_history, strict=True):
+        for key in ("loss", "ce_loss", "kd_loss", "alpha_t_mean", "w_mean", "num_tokens"):
+            assert r[key] == pytest.approx(m[key], rel=1e-5, abs=1e-6), key
+        assert r["grad_norm"] == pytest.approx(m["grad_norm"], rel=1e-5)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m"]
+    cmd += ["tad_torchtune.recipes.kd_tad", "--config", str(TINY_CONFIG)]
+    run_cli(cmd + _overrides(tiny_assets, resumed, *common, "resume_from_checkpoint=true"))
+    after = read_disk_log(resumed)
+    assert [r["step"] for r in after] == [3, 4]
+    assert [r["loss"] for r in after] == pytest.approx([r["loss"] for r in two[2:]], rel=1e-6)
+    assert [r["grad_norm"] for r in after] == pytest.approx([r["grad_norm"] for r in two[2:]], rel=1e-6)
+
+
+def test_tad_tune_ls_cp_run(tiny_assets, tmp_path):
+    """``tad-tune ls / cp / run knowledge_distillation_tad --config <name>`` through torchtune's own CLI."""
+    listing = run_cli(["tad-tune", "ls"], cwd=tmp_path).stdout
+    row = next(line for line in listing.splitlines() if line.startswith("knowledge_distillation_tad"))
+    assert "tiny_cpu" in listing and row
+    run_cli(["tad-tune", "cp", "tiny_cpu", str(tmp_path / "mine.yaml")], cwd=tmp_path)
+    assert (tmp_path / "mine.yaml").read_text() == TINY_CONFIG.read_text()
+    run_cli(["tad-tune", "cp", "knowledge_distillation_tad", str(tmp_path / "my_recipe.py")], cwd=tmp_path)
+    assert "class KDTADRecipe" in (tmp_path / "my_recipe.py").read_text()
+    out = tmp_path / "out"
+    cmd = ["tad-tune", "run", "knowledge_distillation_tad", "--config", "tiny_cpu"]
+    run_cli(cmd + _overrides(tiny_assets, out, "max_steps_per_epoch=1"), cwd=tmp_path)
+    _check_recorded(out, 1)
