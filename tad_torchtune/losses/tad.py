@@ -42,6 +42,34 @@ class _TeacherPass:
 _ALPHA_S_LOG_SPACE_BELOW = 1e-30
 
 
+_TOPK_BLOCK = 64
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids of the ``k`` largest entries of each row of ``x`` (``[N, V]`` -> ``[N, k]``, unordered).
+
+    Same set as ``x.topk(k).indices`` (up to the choice among exactly tied values), 3-4x faster for large
+    vocabularies on CPU: every top-k entry lies in one of the ``k`` blocks of ``_TOPK_BLOCK`` ids with the
+    largest maxima (a block holding a top-k entry is beaten only by blocks holding larger entries, and
+    there are fewer than ``k`` of those), so one cheap ``amax`` pass over ``x`` replaces the row-wise
+    selection over ``V`` entries, which then runs on ``k·_TOPK_BLOCK`` gathered candidates.
+    """
+    n, vocab = x.shape
+    b = _TOPK_BLOCK
+    n_blocks = vocab // b
+    if n_blocks < 4 * k or x.stride(-1) != 1:
+        return x.topk(k, dim=-1, sorted=False).indices
+    maxima = x.as_strided((n, n_blocks, b), (x.stride(0), b, 1)).amax(-1)
+    if vocab % b:
+        maxima = torch.cat([maxima, x[:, n_blocks * b :].amax(-1, keepdim=True)], dim=-1)
+    blocks = maxima.topk(k, dim=-1, sorted=False).indices
+    ids = (blocks[:, :, None] * b + torch.arange(b, device=x.device)).view(n, k * b)
+    outside = ids >= vocab  # the last, partial block's padding
+    ids = ids.clamp_max_(vocab - 1)
+    candidates = x.gather(-1, ids).masked_fill_(outside, _NEG_INF)
+    return ids.gather(-1, candidates.topk(k, dim=-1, sorted=False).indices)
+
+
 class TADLoss(ChunkedDivergenceLoss):
     r"""Tail-Aware Distillation divergence :math:`L_{DIV}` (paper Eq. 4; CE is the recipe's job).
 
@@ -114,7 +142,7 @@ class TADLoss(ChunkedDivergenceLoss):
 
     # First pass: teacher top-K and α_T for every position, then w(X) per row.
     def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor) -> _TeacherPass:
-        topk_idx = teacher.topk(self.top_k, dim=-1, sorted=False).indices
+        topk_idx = topk_indices(teacher, self.top_k)
         probs = torch._softmax(teacher, -1, False, out=self._buffer("prepare", teacher))
         # Tail mass as a sum over the tail entries (TAD_SPEC §3.5): no cancellation when the top-K holds
         # nearly all the mass; it is 0 only when every tail probability underflows fp32.
@@ -159,7 +187,7 @@ class TADLoss(ChunkedDivergenceLoss):
         idx, w, alpha_t = prepared.topk_idx, prepared.weight, prepared.alpha
         stats: dict[str, torch.Tensor] = {}
         if self.track_topk_overlap:
-            student_idx = student.topk(self.top_k, dim=-1, sorted=False).indices
+            student_idx = topk_indices(student, self.top_k)
             overlap = (idx[:, :, None] == student_idx[:, None, :]).any(-1).sum(-1).to(torch.float32) / self.top_k
             stats["topk_overlap_sum"] = masked_sum(overlap, valid)
             del student_idx

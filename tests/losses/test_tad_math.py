@@ -277,3 +277,23 @@ def test_recorded_value_on_hand_written_input():
     unnormalised = TADLoss(top_k=2, beta=1.5, temperature=2.0, normalize_beta=False)
     assert float(unnormalised(student, teacher, labels)) == pytest.approx(1.0391032352, abs=1e-6)
     assert float(tad_reference(student, teacher, labels, top_k=2)) == pytest.approx(1.4242597246, abs=1e-9)
+
+
+@pytest.mark.parametrize("vocab", [2560, 2561, 3001])
+def test_block_topk_matches_torch_topk(vocab):
+    """The block-maxima top-K (used for V >= 4·K·64) selects exactly torch.topk's set, including a last
+    partial block, and TADLoss on such a vocabulary still matches the fp64 reference."""
+    from tad_torchtune.losses.tad import topk_indices
+
+    x = torch.randn(7, vocab) * 3
+    x[0, -1] = 100.0  # the largest entry sits in the partial last block
+    x[1, :64] = 50.0 + torch.arange(64.0)  # one block holds the whole top-K
+    for k in (1, 5, 10):
+        got = topk_indices(x, k).sort(-1).values
+        assert torch.equal(got, x.topk(k, -1).indices.sort(-1).values)
+    student, teacher = torch.randn(1, 6, vocab), torch.randn(1, 6, vocab) * 3
+    labels = torch.randint(0, vocab, (1, 6))
+    loss, grad = _grad(TADLoss(top_k=10), student, teacher, labels)
+    ref_loss, ref_grad = _grad(lambda s: tad_reference(s, teacher.double(), labels, top_k=10), student.double())
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-8)
