@@ -323,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give --out or student_init.output_dir in the config")
     spec = si.pop("layers", "every_other")
     init_std = float(si.pop("init_std", 0.02))
-    tokenizer_dir = si.pop("tokenizer_dir", None) or cfg.teacher_checkpointer.get("checkpoint_dir")
+    tokenizer_dir = si.pop("tokenizer_dir", "teacher")  # null: write no tokenizer files
+    if tokenizer_dir == "teacher":
+        from tad_torchtune.models.export import TOKENIZER_FILES
+
+        tokenizer_dir = cfg.teacher_checkpointer.get("checkpoint_dir")
+        if not any((Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES):
+            print(f"note: no tokenizer files in {tokenizer_dir}; the student dir gets none (lm-eval: tokenizer=...)")
+            tokenizer_dir = None
 
     teacher_sd = tt_config.instantiate(cfg.teacher_checkpointer).load_checkpoint()["model"]
     n_teacher = 1 + max(int(k.split(".")[1]) for k in teacher_sd if k.startswith("layers."))
