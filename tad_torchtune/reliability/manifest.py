@@ -19,6 +19,7 @@ MANIFEST = "manifest.json"
 _FORMAT = "tad_torchtune.checkpoint/1"
 _BLOCK = 1 << 22  # 4 MiB reads: hashing runs at disk speed
 log = utils.get_logger("INFO")
+_VERIFIED: set[tuple] = set()  # (folder, per-file (name, size, mtime_ns, inode, sha256)) already hashed OK
 
 
 def sha256_file(path: str | Path) -> str:
@@ -76,15 +77,23 @@ def verify_manifest(folder: str | Path, required: tuple[str, ...] = ()) -> str |
     for name in required:
         if name not in files:
             return f"{MANIFEST} does not list {name}"
+    stats = []
     for name, meta in files.items():
         p = folder / name
         if not p.is_file():
             return f"{name} is missing"
-        size = p.stat().st_size
-        if size != meta["bytes"]:
-            return f"{name} has {size} bytes, the manifest says {meta['bytes']} (truncated or overwritten)"
-        if sha256_file(p) != meta["sha256"]:
+        st = p.stat()
+        if st.st_size != meta["bytes"]:
+            return f"{name} has {st.st_size} bytes, the manifest says {meta['bytes']} (truncated or overwritten)"
+        stats.append((name, st.st_size, st.st_mtime_ns, st.st_ino, meta["sha256"]))
+    # Start-up validation and the resume both verify the same folder: hash unchanged files only once.
+    key = (str(folder.resolve()), tuple(stats))
+    if key in _VERIFIED:
+        return None
+    for name, meta in files.items():
+        if sha256_file(folder / name) != meta["sha256"]:
             return f"{name} does not match its SHA-256 in {MANIFEST} (corrupted)"
+    _VERIFIED.add(key)
     return None
 
 
