@@ -46,9 +46,14 @@ def build_tokenizer(cfg: DictConfig):
     return config.instantiate(cfg.tokenizer)
 
 
+_NOT_WEIGHTS = ("adapter", "optimizer", "recipe_state", "training_state", "rng")
+
+
 def _detect_checkpoint_files(ckpt_dir: Path) -> list[str]:
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
     for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
-        files = sorted(p.name for p in ckpt_dir.glob(pattern) if "adapter" not in p.name)
+        files = sorted(p.name for p in ckpt_dir.glob(pattern) if not any(s in p.name for s in _NOT_WEIGHTS))
         if files:
             return files
     raise FileNotFoundError(f"no *.safetensors/*.bin/*.pt weights in checkpoint directory {ckpt_dir}")
@@ -125,7 +130,8 @@ def _read_texts(path: Path) -> list[str]:
                     raise ValueError(f"{path}:{line_no}: each JSON line needs a 'text' field, got keys {list(row)}")
                 texts.append(text)
         return texts
-    return [path.read_text()]
+    # Plain text: paragraphs (blank-line separated) are the documents, so a large file is read lazily enough.
+    return [p for p in path.read_text().split("\n\n") if p.strip()]
 
 
 def heldout_batches(

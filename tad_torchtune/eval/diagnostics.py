@@ -371,31 +371,30 @@ def plot_tail_mass(
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.6), dpi=150)
     for name, s in named.items():
         err = s["argmax_error_rate"]
-        line = ax1.plot(s["k"], s["alpha_k"], linewidth=1.8, label=f"{name}")[0]
-        ax2.plot(s["k"], [1.0 - h for h in s["label_in_topk"]], linewidth=1.8, color=line.get_color(), label=name)
-        ax2.axhline(err, color=line.get_color(), linestyle=":", linewidth=1.0)
-        ax2.annotate(
-            f"arg-max ≠ label: {100 * err:.1f}%",
-            xy=(s["k"][-1], err),
-            xytext=(-4, 4),
-            textcoords="offset points",
-            ha="right",
-            fontsize=8,
+        line = ax1.plot(s["k"], s["alpha_k"], marker="o", markersize=2.5, linewidth=1.6, label=name)[0]
+        miss = [1.0 - h for h in s["label_in_topk"]]  # at K=1 this is the arg-max error rate
+        ax2.plot(
+            s["k"],
+            miss,
+            marker="o",
+            markersize=2.5,
+            linewidth=1.6,
             color=line.get_color(),
+            label=f"{name}: arg-max ≠ next token {100 * err:.1f}%",
         )
     ax1.set_xlabel("K")
-    ax1.set_ylabel(r"mean tail mass $\alpha_K = 1 - \sum_{i\in S_K} p_{T,i}$")
+    ax1.set_ylabel(r"mean tail mass $\alpha_K$ (1 − teacher top-K mass)")
     ax1.set_title(title)
     ax1.set_ylim(bottom=0)
     ax1.grid(True, alpha=0.3)
     ax2.set_xlabel("K")
     ax2.set_ylabel("true next token outside teacher top-K")
     ax2.set_title("Teacher top-K miss rate")
-    ax2.set_ylim(0, 1)
+    ax2.set_ylim(0, 1.05)
     ax2.grid(True, alpha=0.3)
-    for ax in (ax1, ax2):
-        if len(named) > 1:
-            ax.legend(frameon=False)
+    ax2.legend(frameon=False, loc="lower left", fontsize=8)
+    if len(named) > 1:
+        ax1.legend(frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -467,10 +466,18 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--bins", type=int, default=10, help="number of equal-width bins (default 10)")
 
     args = p.parse_args(argv)
+    if getattr(args, "checkpoints", None):
+        # `--checkpoints a b key=value` swallows trailing overrides; give them back (a path never looks like k=v).
+        moved = [c for c in args.checkpoints if "=" in c and not Path(c).exists()]
+        args.checkpoints = [c for c in args.checkpoints if c not in moved]
+        args.overrides = list(args.overrides) + moved
+        if not args.checkpoints:
+            p.error("--checkpoints needs at least one checkpoint directory")
 
     if args.cmd == "compare":
         runs = {name: read_heldout_csv(path, args.column) for name, path in _parse_runs(args.run).items()}
-        out = plot_heldout_kl(runs, args.out, title=args.title, ylabel=f"held-out {args.column}")
+        ylabel = "held-out KL (nats/token)" if args.column == "kl" else f"held-out {args.column}"
+        out = plot_heldout_kl(runs, args.out, title=args.title, ylabel=ylabel)
         print(f"wrote {out}")
         return 0
 
