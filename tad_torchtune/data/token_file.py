@@ -313,12 +313,17 @@ def write_token_file(
             prog = json.loads(progress_file.read_text())
         except json.JSONDecodeError:
             prog = {}
-        if prog.get("settings_hash") == settings_hash and partial.stat().st_size >= prog["num_tokens"] * dtype.itemsize:
+        fits = max_tokens is None or prog.get("num_tokens", 0) < max_tokens
+        if (
+            prog.get("settings_hash") == settings_hash
+            and fits
+            and partial.stat().st_size >= prog["num_tokens"] * dtype.itemsize
+        ):
             rows_done, docs_done = prog["rows"], prog["num_documents"]
             tokens_done, bytes_done, max_id = prog["num_tokens"], prog["num_bytes"], prog["max_id"]
             log.warning("resuming %s from %d documents / %d tokens", output, docs_done, tokens_done)
         else:
-            log.warning("discarding %s: it was written with other settings; restarting", partial)
+            log.warning("discarding %s: it was written with other settings (or past max_tokens); restarting", partial)
     if tokens_done == 0:
         rows_done = docs_done = bytes_done = 0
         max_id = -1

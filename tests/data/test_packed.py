@@ -137,3 +137,21 @@ def test_yaml_component_builds_through_torchtune_config_instantiate(token_file):
                             "max_seq_len": L})  # fmt: skip
     ds = config.instantiate(cfg, ByteTokenizer())
     assert isinstance(ds, PackedTokenDataset) and len(ds[0]["tokens"]) == L
+
+
+def test_start_up_is_constant_time_on_a_paper_scale_file(tmp_path, token_file):
+    """2^31 tokens (4 GiB, a sparse file: nothing is written) open and serve their last window at once."""
+    import time
+
+    meta = json.loads(token_file.with_suffix(".json").read_text())
+    n = 2**31
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(n * 2)
+    big.with_suffix(".json").write_text(json.dumps({**meta, "num_tokens": n, "dtype": "uint16"}))
+    start = time.perf_counter()
+    ds = packed_token_dataset(ByteTokenizer(), path=big, max_seq_len=2048)
+    item = ds[len(ds) - 1]
+    elapsed = time.perf_counter() - start
+    assert len(ds) == (n - 1) // 2048 and item["tokens"] == [0] * 2048
+    assert elapsed < 2.0, f"start-up took {elapsed:.2f} s"
