@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 FORMAT = "tad_torchtune.token_file"
 VERSION = 1
 _EXT_TO_BUILDER = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+# Compressed text files are read through fsspec (``.zst`` needs the ``zstandard`` package).
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _data_ext(path: str | Path) -> str:
+    """``a.jsonl.gz`` -> ``.jsonl``; ``a.parquet`` -> ``.parquet``."""
+    p = Path(path)
+    return Path(p.stem).suffix if p.suffix in _COMPRESSION else p.suffix
 
 
 def meta_path(path: str | Path) -> Path:
@@ -117,7 +125,7 @@ def _resolve_files(source: str | Path | Sequence[str | Path]) -> list[str] | Non
     for item in items:
         p = Path(item)
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.suffix in _EXT_TO_BUILDER and f.is_file())
+            files += sorted(str(f) for f in p.rglob("*") if _data_ext(f) in _EXT_TO_BUILDER and f.is_file())
         elif p.is_file():
             files.append(str(p))
         else:
@@ -140,7 +148,8 @@ def open_source(
 
     Args:
         source: local file(s), glob(s) or a directory of ``.json``/``.jsonl``/``.parquet``/``.txt``/``.csv``
-            files, or a hub dataset id (``open-web-math/open-web-math``) when there is network.
+            files (text formats may be ``.gz``/``.bz2``/``.xz``/``.zst`` compressed), or a hub dataset id
+            (``open-web-math/open-web-math``) when there is network.
         split (str): split to read. Default: ``"train"``.
         subset (str | None): hub configuration name. Default: None.
         text_sample_by (str): for ``.txt`` files, what one document is: ``"line"``, ``"paragraph"``
@@ -156,7 +165,7 @@ def open_source(
     if files is not None:
         if not files:
             raise FileNotFoundError(f"no data files match {source!r}")
-        exts = {Path(f).suffix for f in files}
+        exts = {_data_ext(f) for f in files}
         builders = {_EXT_TO_BUILDER.get(e) for e in exts}
         if None in builders or len(builders) != 1:
             raise ValueError(
@@ -172,7 +181,7 @@ def open_source(
             desc["sample_by"] = text_sample_by
         return ds, desc
     name = str(source)
-    if isinstance(source, Path) or name.startswith(("/", "./", "../", "~")) or Path(name).suffix in _EXT_TO_BUILDER:
+    if isinstance(source, Path) or name.startswith(("/", "./", "../", "~")) or _data_ext(name) in _EXT_TO_BUILDER:
         raise FileNotFoundError(f"data file(s) {name!r} not found (a hub dataset id looks like 'owner/name')")
     ds = load_dataset(name, subset, split=split, streaming=streaming)
     return ds, {"kind": "hub", "name": name, "subset": subset, "split": split}

@@ -67,6 +67,21 @@ def test_real_llama2_tokenizer_round_trip_on_gsm8k_text_column(shared_assets, tm
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 32000 and meta["eos_id"] == 2
 
 
+def test_gzipped_jsonl_shards_in_a_directory_are_read_in_order(tmp_path):
+    import gzip
+
+    tok = ByteTokenizer()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, part in enumerate((DOCS[:50], DOCS[50:])):
+        with gzip.open(shards / f"part-{i:02d}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in part)
+    write_token_file(tmp_path / "z.bin", tok, shards, num_workers=0, progress=False)
+    tokens, meta = open_token_file(tmp_path / "z.bin")
+    np.testing.assert_array_equal(np.asarray(tokens, dtype=np.int64), _reference(tok, DOCS))
+    assert [Path(f).name for f in meta["source"]["files"]] == ["part-00.jsonl.gz", "part-01.jsonl.gz"]
+
+
 def test_txt_input_splits_documents_by_paragraph(tmp_path):
     tok = ByteTokenizer()
     (tmp_path / "a.txt").write_text("para one\nstill one\n\npara two\n\n\npara three\n")
