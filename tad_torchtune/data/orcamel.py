@@ -16,10 +16,11 @@ dataset config so the recipe uses ``padded_collate_packed``).
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from tad_torchtune.data import _tokenizers as tk
-from tad_torchtune.data.token_file import open_source
+from tad_torchtune.data.token_file import _data_ext, _resolve_files, open_source
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,45 @@ def _tokenize_chunk(pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[
     return [tokenize_example(w["tokenizer"], q, a, w["template"], w["train_on_input"]) for q, a in pairs]
 
 
+def _json_rows(path: str) -> Iterator[dict[str, Any]]:
+    """Rows of a ``.json`` / ``.jsonl`` file: a list of objects, one object (CAMEL's one-file-per-example
+    layout), a dict of columns, or JSON lines."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        yield from (json.loads(line) for line in text.splitlines() if line.strip())
+        return
+    if isinstance(data, list):
+        yield from data
+    elif isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        keys = list(data)
+        yield from (dict(zip(keys, vals, strict=True)) for vals in zip(*data.values(), strict=True))
+    elif isinstance(data, dict):
+        yield data
+    else:
+        raise ValueError(f"{path}: expected JSON objects, got {type(data).__name__}")
+
+
+def _row_batches(source: Any, split: str) -> Iterator[dict[str, list[Any]]]:
+    """Column batches from local JSON files (read directly: one-object files are common) or HF ``datasets``."""
+    files = _resolve_files(source)
+    if files and all(_data_ext(f) in (".json", ".jsonl") and Path(f).suffix in (".json", ".jsonl") for f in files):
+        rows: list[dict[str, Any]] = []
+        for f in files:
+            for row in _json_rows(f):
+                rows.append(row)
+                if len(rows) == 1024:
+                    yield {k: [r.get(k) for r in rows] for k in rows[0]}
+                    rows = []
+        if rows:
+            yield {k: [r.get(k) for r in rows] for k in rows[0]}
+        return
+    ds, _ = open_source(source, split=split)
+    yield from ds.iter(batch_size=1024)
+
+
 def read_pairs(
     source: str | Path | Sequence[str | Path],
     prompt_column: str,
@@ -141,10 +181,11 @@ def read_pairs(
     split: str = "train",
     max_examples: int | None = None,
 ) -> list[tuple[str, str]]:
-    """(prompt, answer) strings from a local file / hub id (columns checked, rows with an empty side dropped)."""
-    ds, _ = open_source(source, split=split)
+    """(prompt, answer) strings from local file(s) / a folder / a hub id (columns checked, rows with an empty
+    side dropped). Local ``.json``/``.jsonl`` files are parsed directly (lists, single objects or JSON lines);
+    other formats and hub ids go through HF ``datasets``."""
     pairs: list[tuple[str, str]] = []
-    for batch in ds.iter(batch_size=1024):
+    for batch in _row_batches(source, split):
         for col in (prompt_column, answer_column):
             if col not in batch:
                 raise KeyError(f"{source}: column {col!r} not found; columns are {sorted(batch)}")

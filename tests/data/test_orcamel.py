@@ -120,6 +120,19 @@ def test_truncation_is_counted_and_prompt_only_examples_are_dropped(sample_files
     assert [via_tok[i] for i in range(len(via_tok))] == [ds[i] for i in range(len(ds))]
 
 
+def test_camel_folder_of_one_object_json_files_is_read(tmp_path):
+    # camel-ai/math ships as a zip of one JSON object per file; rows with other keys in between are fine.
+    folder = tmp_path / "camel"
+    (folder / "sub").mkdir(parents=True)
+    for i, row in enumerate(CAMEL_ROWS):
+        (folder / "sub" / f"{i + 1}_1_1.json").write_text(json.dumps({**row, "topic;": "Algebra"}, indent=2))
+    ds = orcamel_dataset(ByteTokenizer(), orca_source=None, camel_source=folder)
+    assert len(ds) == 2
+    got = {ByteTokenizer().decode([t for t, lab in zip(ds[i]["tokens"], ds[i]["labels"], strict=True) if lab != -100])
+           for i in range(2)}  # fmt: skip
+    assert got == {r["message_2"] for r in CAMEL_ROWS}
+
+
 def test_generic_columns_collate_and_pack(sample_files):
     orca, _ = sample_files
     tok = ByteTokenizer()
