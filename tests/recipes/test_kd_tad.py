@@ -158,3 +158,35 @@ def test_inconsistent_loss_weights_are_rejected(tiny_assets, tmp_path):
     with pytest.raises(ValueError, match="match no student parameter"):
         recipe.setup(cfg)
     recipe.cleanup()
+
+
+class _ShiftedText(torch.utils.data.Dataset):
+    """The tiny corpus with next-token labels already shifted (like the packed token dataset)."""
+
+    shifted_labels = True
+
+    def __init__(self, tokenizer, data_files: str):
+        self._ds = text_completion_dataset(tokenizer, source="json", data_files=data_files, split="train")
+
+    def __len__(self):
+        return len(self._ds)
+
+    def __getitem__(self, i):
+        tokens = self._ds[i]["tokens"]
+        return {"tokens": tokens[:-1], "labels": tokens[1:]}
+
+
+def shifted_text_dataset(tokenizer, data_files: str) -> _ShiftedText:
+    return _ShiftedText(tokenizer, data_files)
+
+
+def test_dataset_with_shifted_labels_is_not_shifted_again(tiny_assets, tmp_path):
+    """``shifted_labels = True`` datasets (packed token files) give the same training as unshifted ones."""
+    cfg = tiny_cfg(tiny_assets, tmp_path / "shifted", max_steps_per_epoch=2)
+    cfg.dataset = {
+        "_component_": "tests.recipes.test_kd_tad.shifted_text_dataset",
+        "data_files": str(tiny_assets / "data/train.jsonl"),
+    }
+    recipe = run_in_process(cfg)
+    assert recipe._labels_shifted
+    assert _losses(recipe) == pytest.approx(RECORDED_LOSS[:2], rel=1e-6)

@@ -1,0 +1,75 @@
+"""HF in, HF out: with torchtune's HF checkpointer the final student is a transformers-loadable checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchtune.models.qwen2._component_builders import qwen2
+from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+from tad_torchtune.training.tiny import STUDENT_KWARGS
+from tests.recipes.conftest import run_in_process, tiny_cfg
+
+pytestmark = pytest.mark.integration_test
+
+
+def _hf_config(kw: dict) -> dict:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": kw["vocab_size"],
+        "hidden_size": kw["embed_dim"],
+        "intermediate_size": kw["intermediate_dim"],
+        "num_hidden_layers": kw["num_layers"],
+        "num_attention_heads": kw["num_heads"],
+        "num_key_value_heads": kw["num_kv_heads"],
+        "max_position_embeddings": kw["max_seq_len"],
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+
+
+def test_final_student_is_hf_and_matches(tiny_assets, tmp_path):
+    kw = STUDENT_KWARGS
+    hf_dir = tmp_path / "student_hf"
+    hf_dir.mkdir()
+    tune_sd = torch.load(tiny_assets / "student/model.pt", weights_only=True)
+    hf_sd = qwen2_tune_to_hf(tune_sd, num_heads=kw["num_heads"], num_kv_heads=kw["num_kv_heads"], dim=kw["embed_dim"])
+    save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(hf_dir / "model.safetensors"))
+    (hf_dir / "config.json").write_text(json.dumps(_hf_config(kw)))
+
+    out = tmp_path / "out"
+    cfg = tiny_cfg(tiny_assets, out, max_steps_per_epoch=2)
+    cfg.checkpointer = {
+        "_component_": "torchtune.training.FullModelHFCheckpointer",
+        "checkpoint_dir": str(hf_dir),
+        "checkpoint_files": ["model.safetensors"],
+        "model_type": "QWEN2",
+        "output_dir": str(out),
+    }
+    recipe = run_in_process(cfg)
+    # Same start as the torchtune-format run: the recorded first loss.
+    from tests.recipes.test_kd_tad import RECORDED_LOSS
+
+    assert recipe.metrics_history[0]["loss"] == pytest.approx(RECORDED_LOSS[0], rel=1e-6)
+
+    final_dir = out / "epoch_0"
+    assert (final_dir / "config.json").is_file()
+    from transformers import Qwen2ForCausalLM
+
+    hf_model = Qwen2ForCausalLM.from_pretrained(final_dir, torch_dtype=torch.float32).eval()
+    trained = qwen2(**kw).eval()
+    trained.load_state_dict(recipe._model.state_dict())
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ours = trained(tokens)
+        theirs = hf_model(tokens).logits
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    # And the weights moved away from the input checkpoint.
+    assert not torch.equal(tune_sd["layers.0.mlp.w1.weight"], recipe._model.state_dict()["layers.0.mlp.w1.weight"])
