@@ -89,8 +89,8 @@ def build_prompt_template(template: Any) -> Any | None:
 _WORKER: dict[str, Any] = {}
 
 
-def _init(tokenizer: Any, template: Any, train_on_input: bool) -> None:
-    _WORKER.update(tokenizer=tokenizer, template=template, train_on_input=train_on_input)
+def _init(tokenizer: Any, template: Any, train_on_input: bool, max_seq_len: int) -> None:
+    _WORKER.update(tokenizer=tokenizer, template=template, train_on_input=train_on_input, max_seq_len=max_seq_len)
 
 
 def tokenize_example(
@@ -130,9 +130,35 @@ def tokenize_example(
     return p + a, [not train_on_input] * len(p) + [False] * len(a)
 
 
-def _tokenize_chunk(pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[bool]]]:
+def _tokenize_chunk(pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Tokenise, cut to max_seq_len and pack a chunk of examples into flat arrays (compact to return and keep:
+    5 bytes per token instead of ~45 for Python lists).
+
+    Returns:
+        (tokens int32 [T], mask bool [T], lengths int64 [n_kept], num_truncated, num_dropped)
+    """
     w = _WORKER
-    return [tokenize_example(w["tokenizer"], q, a, w["template"], w["train_on_input"]) for q, a in pairs]
+    limit = w["max_seq_len"]
+    toks, masks, lengths = [], [], []
+    truncated = dropped = 0
+    for q, a in pairs:
+        tokens, mask = tokenize_example(w["tokenizer"], q, a, w["template"], w["train_on_input"])
+        if len(tokens) > limit:
+            truncated += 1
+            tokens, mask = tokens[:limit], mask[:limit]
+        if all(mask):  # nothing left to train on
+            dropped += 1
+            continue
+        toks += tokens
+        masks += mask
+        lengths.append(len(tokens))
+    return (
+        np.asarray(toks, dtype=np.int32),
+        np.asarray(masks, dtype=bool),
+        np.asarray(lengths, dtype=np.int64),
+        truncated,
+        dropped,
+    )
 
 
 def _json_rows(path: str) -> Iterator[dict[str, Any]]:
@@ -262,40 +288,34 @@ class InstructionDataset(Dataset):
             raise ValueError(f"no (prompt, answer) rows found in {list(sources)}")
 
         chunks = [pairs[i : i + 512] for i in range(0, len(pairs), 512)]
+        del pairs
         if tok_limit is not None:
             tokenizer.max_seq_len = None
+        args = (tokenizer, template, train_on_input, self.max_seq_len)
         try:
             if num_workers > 1:
                 ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-                with ctx.Pool(num_workers, initializer=_init, initargs=(tokenizer, template, train_on_input)) as pool:
-                    encoded = [e for chunk in pool.imap(_tokenize_chunk, chunks) for e in chunk]
+                with ctx.Pool(num_workers, initializer=_init, initargs=args) as pool:
+                    parts = list(pool.imap(_tokenize_chunk, chunks))
             else:
-                _init(tokenizer, template, train_on_input)
-                encoded = [e for chunk in chunks for e in _tokenize_chunk(chunk)]
+                _init(*args)
+                parts = [_tokenize_chunk(chunk) for chunk in chunks]
         finally:
             if tok_limit is not None:
                 tokenizer.max_seq_len = tok_limit
-
-        lengths, toks, masks = [], [], []
-        self.num_truncated = self.num_dropped = 0
-        for tokens, mask in encoded:
-            if len(tokens) > self.max_seq_len:
-                self.num_truncated += 1
-                tokens, mask = tokens[: self.max_seq_len], mask[: self.max_seq_len]
-            if all(mask):
-                self.num_dropped += 1
-                continue
-            lengths.append(len(tokens))
-            toks.append(np.asarray(tokens, dtype=np.int32))
-            masks.append(np.asarray(mask, dtype=bool))
-        if not lengths:
+        self.num_truncated = sum(p[3] for p in parts)
+        self.num_dropped = sum(p[4] for p in parts)
+        lengths = np.concatenate([p[2] for p in parts])
+        if lengths.size == 0:
             raise ValueError(
-                f"all {len(encoded)} examples were dropped: their prompts alone fill max_seq_len={self.max_seq_len} "
+                f"all {self.num_dropped} examples were dropped: their prompts alone fill "
+                f"max_seq_len={self.max_seq_len} "
                 "tokens; raise max_seq_len (and the tokenizer's max_seq_len)"
             )
         self._offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self._tokens = np.concatenate(toks)
-        self._mask = np.concatenate(masks)
+        self._tokens = np.concatenate([p[0] for p in parts])
+        self._mask = np.concatenate([p[1] for p in parts])
+        del parts
         log.info(
             "instruction data: %d examples (%s), %d truncated to %d tokens, %d dropped (prompt fills the window), "
             "%d tokens, %d trained",
