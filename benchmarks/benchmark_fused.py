@@ -10,10 +10,15 @@ Providers:
   fused_kl       ``FusedLinearForwardKLLoss`` (vanilla KD on the fused machinery)
   fused_compiled ``FusedLinearTADLoss(compile_chunk=True)`` (compile time excluded: warm-up call first)
 
-Every measurement runs in a fresh subprocess (so ``ru_maxrss`` is that provider's own high-water mark);
-peak memory = ``ru_maxrss`` after one full step minus ``ru_maxrss`` once the inputs exist. Times are the
-median of ``--iters`` steps after one warm-up step; providers are interleaved ``--reps`` times and the
-median over repetitions is reported (the machine is shared).
+Memory, two ways, each in a fresh subprocess per provider:
+  peak_mib   ``ru_maxrss`` after one full step minus ``ru_maxrss`` once the inputs exist, with glibc's
+             mmap threshold pinned at 1 MiB (``MALLOC_MMAP_THRESHOLD_``): otherwise glibc raises the threshold
+             to 32 MiB after the first large free, later [chunk, V] blocks land on the heap and RSS keeps the
+             fragmented heap, growing with the number of chunks rather than with live memory.
+  live_mib   peak bytes of live tensor memory during one step (torch.profiler's "Total Allocated" over
+             its memory events): what CUDA's ``max_memory_allocated`` would report, allocator-independent.
+Times are the median of ``--iters`` steps after one warm-up step (the tracker is off while timing);
+providers are interleaved ``--reps`` times and the median over repetitions is reported (the machine is shared).
 
     python benchmarks/benchmark_fused.py                      # side by side at reduced sizes (CPU)
     python benchmarks/benchmark_fused.py --scaling            # time/memory as V, N and K grow (fused)
@@ -36,6 +41,24 @@ PROVIDERS = ("torchtune", "tad", "fused", "fused_kl")
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _peak_live_mib(step) -> float:
+    """Peak bytes of live CPU tensor memory allocated during ``step()``: the maximum of the profiler's
+    "Total Allocated" over its memory events (counted from the profiler's start, so the inputs are excluded)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0) / 2**20
 
 
 def worker(provider: str, tokens: int, vocab: int, dim: int, top_k: int, iters: int, chunk: int) -> dict:
@@ -80,19 +103,20 @@ def worker(provider: str, tokens: int, vocab: int, dim: int, top_k: int, iters: 
             return loss
 
     base = _rss_mib()
+    step()  # warm-up; sets the RSS high-water mark
+    peak = _rss_mib() - base
+    hs.grad = ws.grad = None
+    live = _peak_live_mib(step)
     times = []
-    for i in range(iters + 1):
+    for _ in range(iters):
         hs.grad = ws.grad = None
         t0 = time.perf_counter()
         loss = step()
-        dt = time.perf_counter() - t0
-        if i == 0:
-            peak = _rss_mib() - base  # the first step sets the high-water mark (later ones reuse the heap)
-        else:
-            times.append(dt)
+        times.append(time.perf_counter() - t0)
     return {
         "provider": provider, "tokens": tokens, "vocab": vocab, "dim": dim, "top_k": top_k, "chunk": chunk,
-        "time_s": statistics.median(times), "peak_mib": peak, "loss": float(loss), "threads": torch.get_num_threads(),
+        "time_s": statistics.median(times), "peak_mib": peak, "live_mib": live, "loss": float(loss),
+        "threads": torch.get_num_threads(),
     }  # fmt: skip
 
 
@@ -100,7 +124,8 @@ def _run(provider: str, tokens: int, vocab: int, dim: int, top_k: int, iters: in
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", provider, "--tokens", str(tokens),
            "--vocab", str(vocab), "--dim", str(dim), "--top-k", str(top_k), "--iters", str(iters),
            "--chunk", str(chunk)]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -116,9 +141,11 @@ def side_by_side(args) -> list[dict]:
             for p in args.providers:
                 t = statistics.median(r["time_s"] for r in runs[p])
                 m = statistics.median(r["peak_mib"] for r in runs[p])
-                base = base or (t, m)
+                live = statistics.median(r["live_mib"] for r in runs[p])
+                base = base or (t, m, live)
                 row = {"vocab": vocab, "dim": dim, "tokens": tokens, "provider": p, "time_s": t, "peak_mib": m,
-                       "time_vs_a": t / base[0], "mem_vs_a": m / base[1]}  # fmt: skip
+                       "live_mib": live, "time_vs_a": t / base[0], "rss_vs_a": m / base[1],
+                       "live_vs_a": live / base[2]}  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
@@ -132,7 +159,8 @@ def scaling(args) -> list[dict]:
     for vocab, tokens, k in points:
         runs = [_run("fused", tokens, vocab, args.dim, k, args.iters, args.chunk) for _ in range(args.reps)]
         row = {"vocab": vocab, "tokens": tokens, "top_k": k, "time_s": statistics.median(r["time_s"] for r in runs),
-               "peak_mib": statistics.median(r["peak_mib"] for r in runs)}  # fmt: skip
+               "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+               "live_mib": statistics.median(r["live_mib"] for r in runs)}  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
