@@ -299,12 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tad-tune init-student",
         description="Build the student of an experiment config (`model`), initialise it from the teacher "
-        "(`teacher_model` + `teacher_checkpointer`) as the config's `student_init` section says (paper Sec. 3.2: "
-        "layer selection, per-head attention truncation, random or copied MLPs, copied embeddings), and write it "
-        "as an HF directory that the config's student `checkpointer` then loads.",
+        "(`teacher_model` + `teacher_checkpointer`) as the paper does for that student (Sec. 3.2: layer selection, "
+        "per-head attention truncation, random MLPs, copied embeddings; tad_torchtune.models.students.STUDENT_INIT), "
+        "or as an optional `student_init` section says, and write it as an HF directory: by default the "
+        "student `checkpointer.checkpoint_dir`, which the recipe then loads.",
     )
     parser.add_argument("--config", required=True, help="experiment YAML (model, teacher_model, teacher_checkpointer)")
-    parser.add_argument("--out", default=None, help="output HF dir (default: student_init.output_dir of the config)")
+    parser.add_argument(
+        "--out", default=None, help="output HF dir (default: student_init.output_dir, else checkpointer.checkpoint_dir)"
+    )
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="weights dtype written")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. teacher_dir=/models/x)")
     ns = parser.parse_args(argv)
@@ -316,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     from tad_torchtune.models.registry import resolve
 
     cfg = OmegaConf.merge(OmegaConf.load(ns.config), OmegaConf.from_dotlist(ns.overrides))
-    si = OmegaConf.to_container(cfg.get("student_init", None) or OmegaConf.create({}), resolve=True)
-    out = ns.out or si.pop("output_dir", None)
+    from tad_torchtune.models.students import STUDENT_INIT
+
+    # defaults: the paper's settings for a named Table 8 student, else every other layer with random MLPs
+    student_name = str(cfg.model._component_).rsplit(".", 1)[-1]
+    si = dict(STUDENT_INIT.get(student_name, (None, {"layers": "every_other", "copy_mlp": False}))[1])
+    si.pop("freeze_embeddings", None)  # freezing is the recipe's `freeze: [tok_embeddings]`
+    si.update(OmegaConf.to_container(cfg.get("student_init", None) or OmegaConf.create({}), resolve=True))
+    out = ns.out or si.pop("output_dir", None) or OmegaConf.select(cfg, "checkpointer.checkpoint_dir")
     si.pop("output_dir", None)
     if out is None:
-        raise SystemExit("give --out or student_init.output_dir in the config")
+        raise SystemExit("give --out, student_init.output_dir or checkpointer.checkpoint_dir in the config")
     spec = si.pop("layers", "every_other")
     init_std = float(si.pop("init_std", 0.02))
     tokenizer_dir = si.pop("tokenizer_dir", "teacher")  # null: write no tokenizer files
