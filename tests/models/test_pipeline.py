@@ -69,7 +69,7 @@ def test_init_student_then_distil_then_load_in_transformers(family, tmp_path):
         _component_="tad_torchtune.models.HFCheckpointer", checkpoint_dir="${student_init.output_dir}",
         checkpoint_files=["model.safetensors"], model_type=model_type, output_dir="${output_dir}",
     )  # fmt: skip
-    cfg.freeze, cfg.cosine_weight, cfg.max_steps_per_epoch = ["tok_embeddings"], 1.0, 3
+    cfg.freeze, cfg.cosine_weight, cfg.max_steps_per_epoch = ["tok_embeddings"], 1.0, 2
     cfg.enable_activation_checkpointing = True
     OmegaConf.save(cfg, tmp_path / "exp.yaml")
 
@@ -86,7 +86,7 @@ def test_init_student_then_distil_then_load_in_transformers(family, tmp_path):
 
     recipe = run_in_process(OmegaConf.load(tmp_path / "exp.yaml"))
     losses = [m["loss"] for m in recipe.metrics_history]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert all(m["cosine_loss"] > 0 for m in recipe.metrics_history)
 
     out = tmp_path / "run" / "epoch_0"
