@@ -85,8 +85,24 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         kwargs[key] = _parse_value(value)
     tokenizer = load_tokenizer(args.tokenizer, **kwargs)
+    try:
+        meta = _write(args, tokenizer, kwargs)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: {args.output} is not complete; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"{args.output}: {meta['num_tokens']:,} tokens ({meta['dtype']}), {meta['num_documents']:,} documents, "
+        f"{meta['num_bytes'] / 1e6:.1f} MB of text in {meta['seconds']:.1f} s"
+    )
+    return 0
+
+
+def _write(args: argparse.Namespace, tokenizer, kwargs: dict) -> dict:
     source = args.source[0] if len(args.source) == 1 else args.source
-    meta = write_token_file(
+    return write_token_file(
         args.output,
         tokenizer,
         source,
@@ -103,11 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         tokenizer_spec={"builder": args.tokenizer, **kwargs},
     )
-    print(
-        f"{args.output}: {meta['num_tokens']:,} tokens ({meta['dtype']}), {meta['num_documents']:,} documents, "
-        f"{meta['num_bytes'] / 1e6:.1f} MB of text in {meta['seconds']:.1f} s"
-    )
-    return 0
 
 
 if __name__ == "__main__":

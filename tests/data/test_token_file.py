@@ -237,3 +237,26 @@ def test_cli_help_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "--max-tokens" in capsys.readouterr().out
+
+
+def test_cli_interrupt_says_how_to_resume_and_the_rerun_completes(tmp_path, monkeypatch, capsys):
+    from tad_torchtune.data.tokenize import main
+
+    src = _write_jsonl(tmp_path / "c.jsonl", DOCS)
+    argv = ["--source", str(src), "--output", str(tmp_path / "c.bin"), "--no-progress", "--num-workers", "0",
+            "--tokenizer", "tests.data.byte_tokenizer.ByteTokenizer", "--batch-docs", "10"]  # fmt: skip
+    real = tf._encode_docs
+    calls = {"n": 0}
+
+    def flaky(texts):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(texts)
+
+    monkeypatch.setattr(tf, "_encode_docs", flaky)
+    assert main(argv) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert main(argv) == 0
+    np.testing.assert_array_equal(np.asarray(open_token_file(tmp_path / "c.bin")[0], dtype=np.int64),
+                                  _reference(ByteTokenizer(), DOCS))  # fmt: skip
