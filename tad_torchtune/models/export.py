@@ -372,3 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     out = export_hf(sd, family, args, ns.out, ns.tokenizer_dir, dtype=dtype)
     print(f"wrote {out} ({family}, {args['num_layers']} layers)")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

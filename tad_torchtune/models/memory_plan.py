@@ -207,3 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = estimate_memory(cfg, ns.gpus, capacity_gib=ns.capacity_gib, seq_len=ns.seq_len)
     print(plan.table())
     return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
