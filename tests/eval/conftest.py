@@ -1,7 +1,7 @@
 """Fixtures for the eval tests: a tiny tokenizer and a tiny llama saved in HF format, plus local task YAMLs.
 
-Everything is built here (tokenizers' BPE trainer, torchtune's llama3 builder, torchtune's tune_to_hf
-converter, transformers' LlamaConfig); nothing is downloaded.
+Everything is built here (tokenizers' BPE trainer, torchtune's llama3 builder, our models.export.export_hf);
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ def _corpus() -> list[str]:
 
 
 def build_tiny_hf_dir(out: Path, seed: int = 0, scale: float = 4.0) -> Path:
-    """Train a byte-level BPE tokenizer and save a random tiny llama (torchtune builder -> HF format) in ``out``."""
-    from safetensors.torch import save_file
+    """Train a byte-level BPE tokenizer and export a random tiny llama (torchtune builder) to an HF folder ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from torchtune.models.convert_weights import tune_to_hf
     from torchtune.models.llama3._component_builders import llama3
-    from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from tad_torchtune.models.export import export_hf
 
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -57,34 +57,20 @@ def build_tiny_hf_dir(out: Path, seed: int = 0, scale: float = 4.0) -> Path:
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>", model_max_length=512
     )
-    hf_tok.save_pretrained(out)
+    tok_dir = out.parent / f"{out.name}_tokenizer"
+    hf_tok.save_pretrained(tok_dir)
     vocab = len(hf_tok)
+    ids = dict(bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+    GenerationConfig(**ids).save_pretrained(tok_dir)
 
     torch.manual_seed(seed)
     model = llama3(vocab_size=vocab, rope_base=ROPE_BASE, **DIMS)
     with torch.no_grad():
         model.output.weight.mul_(scale)  # peaked predictions: greedy text is not a string of near-ties
-    sd = tune_to_hf(model.state_dict(), num_heads=4, num_kv_heads=2, dim=64)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        rope_theta=float(ROPE_BASE),
-        tie_word_embeddings=False,
-        bos_token_id=hf_tok.bos_token_id,
-        eos_token_id=hf_tok.eos_token_id,
-        pad_token_id=hf_tok.pad_token_id,
-        architectures=["LlamaForCausalLM"],
-    ).save_pretrained(out)
-    GenerationConfig(
-        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id
-    ).save_pretrained(out)
+    # The project's own HF export (config.json from transformers' LlamaConfig, HF weights, tokenizer files).
+    export_hf(
+        model, "llama3", {"num_heads": 4, "max_seq_len": DIMS["max_seq_len"], "rope_base": ROPE_BASE}, out, tok_dir
+    )
     return out
 
 
@@ -198,7 +184,7 @@ def load_torchtune(hf_dir: Path, dtype: torch.dtype = torch.float32):
 
     ckpt = FullModelHFCheckpointer(
         checkpoint_dir=str(hf_dir),
-        checkpoint_files=["model.safetensors"],
+        checkpoint_files=sorted(p.name for p in hf_dir.glob("*.safetensors")),
         model_type="LLAMA3",
         output_dir=tempfile.mkdtemp(prefix="tt_out_"),  # must lie outside checkpoint_dir
     )
