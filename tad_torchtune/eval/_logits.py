@@ -21,6 +21,8 @@ def as_chunks(out: torch.Tensor | list[torch.Tensor] | object) -> list[torch.Ten
         out = out.logits
     if isinstance(out, torch.Tensor):
         return [out]
+    if isinstance(out, (list, tuple)) and out and isinstance(out[-1], (list, tuple)):
+        out = out[-1]  # output_hidden_states with chunked logits: [h_i, ..., [chunks]]
     if isinstance(out, (list, tuple)) and out and all(isinstance(c, torch.Tensor) for c in out):
         return list(out)
     raise TypeError(f"expected model output to be a [B, S, V] tensor or a list of chunks, got {type(out).__name__}")
