@@ -122,8 +122,6 @@ class TorchtuneLM(TemplateLM):
         """Sum of continuation log-probs and greedy flag for ``(context_ids, continuation_ids)`` pairs (one batch)."""
         inps, spans = [], []
         for ctx, cont in pairs:
-            if not cont:
-                raise ValueError("empty continuation: nothing to score (check the task's doc_to_choice/target)")
             # Keep the last max_length+1 tokens; the model sees all but the last one (HFLM's truncation).
             full = (ctx + cont)[-(self.max_length + 1) :]
             inps.append(full[:-1])
@@ -137,7 +135,7 @@ class TorchtuneLM(TemplateLM):
         for i, ((_, cont), n) in enumerate(zip(pairs, spans, strict=True)):
             end = len(inps[i])
             lp = F.log_softmax(logits[i, end - n : end].float(), dim=-1)  # [n, V]
-            tgt = torch.tensor(cont[-n:], dtype=torch.long, device=lp.device)
+            tgt = torch.tensor(cont[len(cont) - n :], dtype=torch.long, device=lp.device)  # n=0: scores 0, greedy
             out.append((float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
         return out
 
