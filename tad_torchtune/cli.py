@@ -9,6 +9,7 @@ The commands below are ours; each lives in the module that owns the feature and 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # name -> (module, function, one-line help). Each function takes ``argv: list[str]`` and returns an exit code.
@@ -26,15 +27,17 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: tad-tune <command> [args]", "", "torchtune commands (our recipes and configs registered):"]
-    lines.append("  ls, cp, run, download, validate  -- see `tad-tune <command> --help`")
+    lines.append("  ls, cp, run, download  -- see `tad-tune <command> --help` (`tad-tune validate` is ours, below)")
     lines.append("")
     lines.append("tad_torchtune commands:")
     for name, (_, _, help_text) in SUBCOMMANDS.items():
-        lines.append(f"  {name:<10} {help_text}")
+        lines.append(f"  {name:<13} {help_text}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torchao 0.15 warns at import that its C++ kernels do not match torch 2.13; torchtune works without them.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
