@@ -17,6 +17,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and the CI machine is shared: one thread is faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> Path:
     """Random tiny teacher/student checkpoints and a 64-line corpus (``tad_torchtune.training.tiny``)."""

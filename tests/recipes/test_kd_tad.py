@@ -81,34 +81,34 @@ def test_recorded_values_independent_of_accumulation(tiny_assets, tmp_path, batc
 
 def test_resume_continues_exactly(tiny_assets, tmp_path):
     """Stop after step k (mid-epoch, and at an epoch end), resume, continue: the same losses as uninterrupted."""
-    common = dict(epochs=2, max_steps_per_epoch=3, save_every_n_steps=1, keep_last_n_checkpoints=None)
+    common = dict(epochs=2, max_steps_per_epoch=2, save_every_n_steps=1, keep_last_n_checkpoints=None)
     full = run_in_process(tiny_cfg(tiny_assets, tmp_path / "full", **common))
-    assert len(full.metrics_history) == 6
-    for k in (2, 3):  # 3 steps per epoch: step 2 is mid-epoch 0, step 3 ends epoch 0
+    assert len(full.metrics_history) == 4
+    for k in (1, 2):  # 2 steps per epoch: step 1 is mid-epoch 0, step 2 ends epoch 0
         out = tmp_path / f"resume_{k}"
         shutil.copytree(full._checkpoint_root / f"step_{k:07d}", out / "checkpoints" / f"step_{k:07d}")
         # A crashed later save leaves only a .tmp folder: it must be ignored.
         (out / "checkpoints" / f"step_{k + 1:07d}.tmp-123").mkdir()
         assert find_latest_checkpoint(out / "checkpoints").name == f"step_{k:07d}"
         resumed = run_in_process(tiny_cfg(tiny_assets, out, resume_from_checkpoint=True, **common))
-        assert resumed.global_step == 6
+        assert resumed.global_step == 4
         assert _losses(resumed) == _losses(full)[k:]
         assert _losses(resumed, "grad_norm") == _losses(full, "grad_norm")[k:]
         assert _losses(resumed, "lr") == _losses(full, "lr")[k:]
     # The final student (checkpointer format) equals the last step checkpoint's weights.
     final = torch.load(tmp_path / "full/epoch_1/model-00001-of-00001.bin", weights_only=True)
-    last = torch.load(full._checkpoint_root / "step_0000006/model.pt", weights_only=True)
+    last = torch.load(full._checkpoint_root / "step_0000004/model.pt", weights_only=True)
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
 
 
 def test_forward_kl_and_clm_only_train(tiny_assets, tmp_path):
     """kd_loss swapped to forward KL, and kd_weight 0 (CE only, teacher not loaded): both reduce their loss."""
-    cfg = tiny_cfg(tiny_assets, tmp_path / "fkl", max_steps_per_epoch=8)
+    cfg = tiny_cfg(tiny_assets, tmp_path / "fkl", max_steps_per_epoch=4)
     cfg.kd_loss = {"_component_": "tad_torchtune.ForwardKLLoss", "num_output_chunks": 4}
     fkl = run_in_process(cfg)
     assert "w_mean" not in fkl.metrics_history[0]  # TAD-only statistics are absent
     assert fkl.metrics_history[-1]["kd_loss"] < fkl.metrics_history[0]["kd_loss"]
-    clm = run_in_process(tiny_cfg(tiny_assets, tmp_path / "clm", kd_weight=0.0, max_steps_per_epoch=8))
+    clm = run_in_process(tiny_cfg(tiny_assets, tmp_path / "clm", kd_weight=0.0, max_steps_per_epoch=4))
     assert clm._teacher_model is None
     assert all(m["kd_loss"] == 0.0 and m["loss"] == m["ce_loss"] for m in clm.metrics_history)
     assert clm.metrics_history[-1]["ce_loss"] < clm.metrics_history[0]["ce_loss"]

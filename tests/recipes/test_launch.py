@@ -69,15 +69,24 @@ def test_two_processes_match_one_and_resume(tiny_assets, tmp_path):
     assert [r["grad_norm"] for r in after] == pytest.approx([r["grad_norm"] for r in two[2:]], rel=1e-6)
 
 
-def test_tad_tune_ls_cp_run(tiny_assets, tmp_path):
-    """``tad-tune ls / cp / run knowledge_distillation_tad --config <name>`` through torchtune's own CLI."""
-    listing = run_cli(["tad-tune", "ls"], cwd=tmp_path).stdout
-    row = next(line for line in listing.splitlines() if line.startswith("knowledge_distillation_tad"))
-    assert "tiny_cpu" in listing and row
-    run_cli(["tad-tune", "cp", "tiny_cpu", str(tmp_path / "mine.yaml")], cwd=tmp_path)
+def test_tad_tune_ls_cp(tmp_path, capsys, monkeypatch):
+    """``tad-tune ls`` / ``cp`` (the console script's own code, in-process) list and copy ours."""
+    from tad_torchtune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["ls"]) == 0
+    listing = capsys.readouterr().out
+    assert any(line.startswith("knowledge_distillation_tad") for line in listing.splitlines())
+    assert "tiny_cpu" in listing and "qwen1.5_1.8b_to_1.2b" in listing
+    assert "full_finetune_single_device" in listing  # torchtune's own entries are still there
+    assert main(["cp", "tiny_cpu", str(tmp_path / "mine.yaml")]) == 0
     assert (tmp_path / "mine.yaml").read_text() == TINY_CONFIG.read_text()
-    run_cli(["tad-tune", "cp", "knowledge_distillation_tad", str(tmp_path / "my_recipe.py")], cwd=tmp_path)
+    assert main(["cp", "knowledge_distillation_tad", str(tmp_path / "my_recipe.py")]) == 0
     assert "class KDTADRecipe" in (tmp_path / "my_recipe.py").read_text()
+
+
+def test_tad_tune_run_by_name(tiny_assets, tmp_path):
+    """``tad-tune run knowledge_distillation_tad --config tiny_cpu`` (names, not paths; another cwd)."""
     out = tmp_path / "out"
     cmd = ["tad-tune", "run", "knowledge_distillation_tad", "--config", "tiny_cpu"]
     run_cli(cmd + _overrides(tiny_assets, out, "max_steps_per_epoch=1"), cwd=tmp_path)
