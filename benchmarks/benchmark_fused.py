@@ -131,31 +131,31 @@ def _run(provider: str, tokens: int, vocab: int, dim: int, top_k: int, iters: in
 
 def side_by_side(args) -> list[dict]:
     rows = []
-    for vocab, dim, token_list in ((32_000, args.dim, (1024, 2048)), (151_936, args.dim, (256, 512))):
-        for tokens in token_list:
-            runs: dict[str, list[dict]] = {p: [] for p in args.providers}
-            for _ in range(args.reps):  # interleave providers, repeat, take medians
-                for p in args.providers:
-                    runs[p].append(_run(p, tokens, vocab, dim, args.top_k, args.iters, args.chunk))
-            base = None
+    for vocab, tokens in args.sizes:
+        dim = args.dim
+        runs: dict[str, list[dict]] = {p: [] for p in args.providers}
+        for _ in range(args.reps):  # interleave providers, repeat, take medians
             for p in args.providers:
-                t = statistics.median(r["time_s"] for r in runs[p])
-                m = statistics.median(r["peak_mib"] for r in runs[p])
-                live = statistics.median(r["live_mib"] for r in runs[p])
-                base = base or (t, m, live)
-                row = {"vocab": vocab, "dim": dim, "tokens": tokens, "provider": p, "time_s": t, "peak_mib": m,
-                       "live_mib": live, "time_vs_a": t / base[0], "rss_vs_a": m / base[1],
-                       "live_vs_a": live / base[2]}  # fmt: skip
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                runs[p].append(_run(p, tokens, vocab, dim, args.top_k, args.iters, args.chunk))
+        base = None
+        for p in args.providers:
+            t = statistics.median(r["time_s"] for r in runs[p])
+            m = statistics.median(r["peak_mib"] for r in runs[p])
+            live = statistics.median(r["live_mib"] for r in runs[p])
+            base = base or (t, m, live)
+            row = {"vocab": vocab, "dim": dim, "tokens": tokens, "provider": p, "time_s": t, "peak_mib": m,
+                   "live_mib": live, "time_vs_a": t / base[0], "rss_vs_a": m / base[1],
+                   "live_vs_a": live / base[2]}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
 def scaling(args) -> list[dict]:
     rows = []
     points = [(v, 512, 10) for v in (8_000, 32_000, 128_000)]
-    points += [(32_000, n, 10) for n in (256, 1024, 2048)]
-    points += [(32_000, 512, k) for k in (1, 5, 20, 50)]
+    points += [(32_000, n, 10) for n in (256, 1024)]
+    points += [(32_000, 512, k) for k in (1, 50)]
     for vocab, tokens, k in points:
         runs = [_run("fused", tokens, vocab, args.dim, k, args.iters, args.chunk) for _ in range(args.reps)]
         row = {"vocab": vocab, "tokens": tokens, "top_k": k, "time_s": statistics.median(r["time_s"] for r in runs),
@@ -178,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS))
     parser.add_argument("--scaling", action="store_true")
+    parser.add_argument(
+        "--sizes",
+        type=lambda t: tuple(int(x) for x in t.split("x")),
+        nargs="+",
+        default=[(32_000, 1024), (32_000, 2048), (151_936, 256), (151_936, 512)],
+        help="side-by-side points as VOCABxTOKENS (default: 32000x1024 32000x2048 151936x256 151936x512)",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.tokens, args.vocab, args.dim, args.top_k, args.iters, args.chunk)))
