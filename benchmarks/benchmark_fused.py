@@ -17,7 +17,8 @@ Memory, two ways, each in a fresh subprocess per provider:
              fragmented heap, growing with the number of chunks rather than with live memory.
   live_mib   peak bytes of live tensor memory during one step (torch.profiler's "Total Allocated" over
              its memory events): what CUDA's ``max_memory_allocated`` would report, allocator-independent.
-Times are the median of ``--iters`` steps after one warm-up step (the tracker is off while timing);
+Times (wall ``time_s`` and process CPU ``cpu_s``, all threads: steadier than wall time on a shared machine)
+are the median of ``--iters`` steps after one warm-up step (the profiler is off while timing);
 providers are interleaved ``--reps`` times and the median over repetitions is reported (the machine is shared).
 
     python benchmarks/benchmark_fused.py                      # side by side at reduced sizes (CPU)
@@ -107,16 +108,17 @@ def worker(provider: str, tokens: int, vocab: int, dim: int, top_k: int, iters: 
     peak = _rss_mib() - base
     hs.grad = ws.grad = None
     live = _peak_live_mib(step)
-    times = []
+    times, cpu = [], []
     for _ in range(iters):
         hs.grad = ws.grad = None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     return {
         "provider": provider, "tokens": tokens, "vocab": vocab, "dim": dim, "top_k": top_k, "chunk": chunk,
-        "time_s": statistics.median(times), "peak_mib": peak, "live_mib": live, "loss": float(loss),
-        "threads": torch.get_num_threads(),
+        "time_s": statistics.median(times), "cpu_s": statistics.median(cpu), "peak_mib": peak, "live_mib": live,
+        "loss": float(loss), "threads": torch.get_num_threads(),
     }  # fmt: skip
 
 
@@ -140,9 +142,10 @@ def side_by_side(args) -> list[dict]:
         base = None
         for p in args.providers:
             t = statistics.median(r["time_s"] for r in runs[p])
+            c = statistics.median(r["cpu_s"] for r in runs[p])
             m = statistics.median(r["peak_mib"] for r in runs[p])
             live = statistics.median(r["live_mib"] for r in runs[p])
-            base = base or (t, m, live)
+            base = base or (t, m, live, c)
             row = {"vocab": vocab, "dim": dim, "tokens": tokens, "provider": p, "time_s": t, "peak_mib": m,
                    "live_mib": live, "time_vs_a": t / base[0], "rss_vs_a": m / base[1],
                    "live_vs_a": live / base[2]}  # fmt: skip
@@ -159,6 +162,7 @@ def scaling(args) -> list[dict]:
     for vocab, tokens, k in points:
         runs = [_run("fused", tokens, vocab, args.dim, k, args.iters, args.chunk) for _ in range(args.reps)]
         row = {"vocab": vocab, "tokens": tokens, "top_k": k, "time_s": statistics.median(r["time_s"] for r in runs),
+               "cpu_s": statistics.median(r["cpu_s"] for r in runs),
                "peak_mib": statistics.median(r["peak_mib"] for r in runs),
                "live_mib": statistics.median(r["live_mib"] for r in runs)}  # fmt: skip
         rows.append(row)
