@@ -146,9 +146,9 @@ def side_by_side(args) -> list[dict]:
             m = statistics.median(r["peak_mib"] for r in runs[p])
             live = statistics.median(r["live_mib"] for r in runs[p])
             base = base or (t, m, live, c)
-            row = {"vocab": vocab, "dim": dim, "tokens": tokens, "provider": p, "time_s": t, "peak_mib": m,
-                   "live_mib": live, "time_vs_a": t / base[0], "rss_vs_a": m / base[1],
-                   "live_vs_a": live / base[2]}  # fmt: skip
+            row = {"vocab": vocab, "dim": dim, "tokens": tokens, "provider": p, "time_s": t, "cpu_s": c,
+                   "peak_mib": m, "live_mib": live, "time_vs_a": t / base[0], "cpu_vs_a": c / base[3],
+                   "rss_vs_a": m / base[1], "live_vs_a": live / base[2]}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
