@@ -406,6 +406,7 @@ class KDTADRecipe(FTRecipeInterface):
         self.global_step = int(state["global_step"])
         self.epochs_run = int(state["epochs_run"])
         self._steps_in_epoch = int(state["steps_in_epoch"])
+        self._guard.skipped = int(state.get("nonfinite_skipped_steps", 0))
         if self._steps_in_epoch >= self._steps_per_epoch:
             # Saved after an epoch's last step: continue with a fresh epoch, not the old iterator's position.
             self.epochs_run, self._steps_in_epoch = self.epochs_run + 1, 0
@@ -440,6 +441,7 @@ class KDTADRecipe(FTRecipeInterface):
                 "rng": [r["rng"] for r in per_rank],
                 "world_size": self.world_size,
                 "seed": self._seed,
+                "nonfinite_skipped_steps": self._guard.skipped,
             }
             path = save_step_checkpoint(
                 self._checkpoint_root, self.global_step, model_sd, optim_sd, recipe_state, keep_last_n=self._keep_last_n

@@ -23,6 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from tad_torchtune.reliability.fault import fault_point
+from tad_torchtune.reliability.manifest import newest_verified, remove_stale_partials, write_manifest
+from tad_torchtune.reliability.safe_load import safe_load
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 FILES = ("model.pt", "optimizer.pt", "recipe_state.pt")
 
@@ -77,6 +81,11 @@ def save_step_checkpoint(
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if name == FILES[0]:
+            fault_point("mid_checkpoint", step)  # crash tests only (TAD_FAULT_INJECT); no-op otherwise
+    # The manifest (sizes + SHA-256) is written last: a folder without a valid one is never resumed from.
+    write_manifest(tmp, step)
+    fault_point("before_rename", step)
     if final.exists():
         # Same step written again (e.g. a resumed run saving at its first step): move the old one aside first.
         trash = root / f"{final.name}.old-{os.getpid()}"
@@ -86,6 +95,8 @@ def save_step_checkpoint(
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
+    fault_point("after_rename", step)
+    remove_stale_partials(root)  # .tmp folders of writes a crash interrupted
     if keep_last_n is not None and keep_last_n > 0:
         for old in list_checkpoints(root)[:-keep_last_n]:
             shutil.rmtree(old, ignore_errors=True)
@@ -119,9 +130,9 @@ def list_checkpoints(checkpoint_root: str | Path) -> list[Path]:
 
 
 def find_latest_checkpoint(checkpoint_root: str | Path) -> Path | None:
-    """The newest complete step checkpoint, or None."""
-    found = list_checkpoints(checkpoint_root)
-    return found[-1] if found else None
+    """The newest complete step checkpoint whose manifest checks out, or None (newer broken ones are skipped
+    with a warning naming them)."""
+    return newest_verified(list_checkpoints(checkpoint_root), required=FILES)
 
 
 def load_step_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -130,8 +141,8 @@ def load_step_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, An
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete step checkpoint (missing {missing})")
-    # weights_only=False: the recipe state holds Python/NumPy RNG states (our own files only).
-    model = torch.load(path / "model.pt", map_location="cpu", mmap=True, weights_only=True)
-    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    recipe = torch.load(path / "recipe_state.pt", map_location="cpu", weights_only=False)
+    # weights_only loads only (NumPy's RNG-state types allowlisted): a tampered file cannot run code.
+    model = safe_load(path / "model.pt", mmap=True)
+    optim = safe_load(path / "optimizer.pt")
+    recipe = safe_load(path / "recipe_state.pt")
     return model, optim, recipe
