@@ -307,7 +307,7 @@ class _Checker:
                 and model is not None
             ):
                 self._compare_weights(key, ckpt_dir, [str(f) for f in files], model, component.endswith("Meta"))
-            elif component.endswith("FullModelHFCheckpointer") and not (ckpt_dir / "config.json").is_file():
+            elif component.endswith("HFCheckpointer") and not (ckpt_dir / "config.json").is_file():
                 self.add(f"{key}.checkpoint_dir", f"{ckpt_dir} has no config.json (an HF checkpoint needs it)")
 
     def _compare_weights(self, key: str, ckpt_dir: Path, files: list[str], model: Any, meta: bool) -> None:
