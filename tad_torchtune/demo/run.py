@@ -274,7 +274,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     state_dict, arch = load_state_dict(opts.cache_dir)
     tokenizer = load_tokenizer(opts.cache_dir)
     teacher = smollm2(**(asdict(arch) | {"max_seq_len": opts.seq_len}))
-    teacher.load_state_dict(state_dict, strict=True)
+    teacher.load_state_dict(state_dict, strict=True, assign=True)  # share memory, no copy
     teacher.eval().requires_grad_(False)
 
     _say(opts, "[2/4] text: the Python Language Reference shipped with CPython (pydoc_data), 1 section in 8 held out")

@@ -312,7 +312,7 @@ def load_teacher(
     state_dict, config = load_state_dict(cache_dir)
     kwargs = asdict(config) | {"max_seq_len": max_seq_len}
     model = smollm2(**kwargs)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)  # share memory, no copy
     model.to(dtype=dtype).eval().requires_grad_(False)
     return model, config
 
