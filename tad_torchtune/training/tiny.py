@@ -15,9 +15,14 @@ import argparse
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torchtune.models.qwen2._component_builders import qwen2
+
+# The shipped tiny config (in the checkout's configs/, beside the package).
+TINY_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 
 # Shared by the tiny configs (keep in sync with configs/tiny_*.yaml).
 STUDENT_KWARGS = dict(
@@ -60,6 +65,17 @@ def write_tiny_assets(root: str | Path, seed: int = 0, num_lines: int = 64) -> P
         for line in tiny_text(num_lines, seed):
             f.write(json.dumps({"text": line}) + "\n")
     return root
+
+
+def tiny_config(assets_dir: str | Path, output_dir: str | Path, **overrides: Any) -> DictConfig:
+    """``configs/tiny_cpu.yaml`` with the given assets and output dir, plus dotted-key overrides
+    (``tiny_config(a, o, **{"kd_loss.top_k": 4})``). Used by the tests of several packages."""
+    cfg = OmegaConf.load(TINY_CONFIG_PATH)
+    cfg.assets_dir = str(assets_dir)
+    cfg.output_dir = str(output_dir)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,28 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
+from tad_torchtune.training.tiny import TINY_CONFIG_PATH as TINY_CONFIG  # noqa: F401 (re-exported)
+from tad_torchtune.training.tiny import tiny_config as tiny_cfg  # noqa: F401 (re-exported)
 from tad_torchtune.training.tiny import write_tiny_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     """Random tiny teacher/student checkpoints and a 64-line corpus (``tad_torchtune.training.tiny``)."""
     return write_tiny_assets(tmp_path_factory.mktemp("assets"), seed=0)
-
-
-def tiny_cfg(assets: Path, output_dir: Path, **overrides):
-    """``configs/tiny_cpu.yaml`` with the test's assets and output dir plus dotted-key overrides."""
-    cfg = OmegaConf.load(TINY_CONFIG)
-    cfg.assets_dir = str(assets)
-    cfg.output_dir = str(output_dir)
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    return cfg
 
 
 def tree_hash(root: Path) -> dict[str, str]:
