@@ -7,6 +7,9 @@ Public names are the ones configs reference by ``_component_`` path, e.g.
 from tad_torchtune.losses import (
     ChunkedDivergenceLoss,
     ForwardKLLoss,
+    FusedLinearDistillationLoss,
+    FusedLinearForwardKLLoss,
+    FusedLinearTADLoss,
     JSDLoss,
     ReverseKLLoss,
     SymmetricKLLoss,
@@ -19,6 +22,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ChunkedDivergenceLoss",
     "ForwardKLLoss",
+    "FusedLinearDistillationLoss",
+    "FusedLinearForwardKLLoss",
+    "FusedLinearTADLoss",
     "JSDLoss",
     "ReverseKLLoss",
     "SymmetricKLLoss",
