@@ -47,6 +47,9 @@ from torchtune.data import padded_collate_packed
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
+from tad_torchtune.losses.baselines import ForwardKLLoss
+from tad_torchtune.losses.fused_linear import FusedLinearDistillationLoss, fused_distillation_loss
+from tad_torchtune.losses.tad import TADLoss
 from tad_torchtune.reliability.guards import NonFiniteGuard
 from tad_torchtune.training.checkpoint import (
     find_latest_checkpoint,
@@ -67,6 +70,18 @@ log = utils.get_logger("INFO")
 
 # Keys of kd_loss.last_stats averaged per row (sequence) rather than per token.
 _PER_ROW_STATS = {"w_sum": "num_rows"}
+# Divergences the fused path (hidden states + output weights, no logits) is tested for.
+_FUSABLE = (TADLoss, ForwardKLLoss)
+# Tokens per slice of the fused loss when kd_loss is a plain divergence (a FusedLinear* kd_loss brings its own).
+_FUSED_CHUNK_SIZE = 1024
+
+
+def _fused_mode(value: Any) -> str:
+    """``fused_loss`` as ``"auto"``, ``"true"`` or ``"false"`` (YAML/CLI give booleans or strings)."""
+    mode = str(value).strip().lower() if value is not None else "auto"
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"fused_loss must be auto, true or false, got fused_loss={value!r}")
+    return mode
 
 
 def _launched_by_torchrun() -> bool:
@@ -128,6 +143,8 @@ class KDTADRecipe(FTRecipeInterface):
         self._keep_last_n = cfg.get("keep_last_n_checkpoints", 2)
         self._resume = cfg.get("resume_from_checkpoint", False)
         self._compile = bool(cfg.get("compile", False))
+        self._fused_mode = _fused_mode(cfg.get("fused_loss", "auto"))
+        self._fused_loss: FusedLinearDistillationLoss | None = None  # set by setup when the fused path is used
         self._checkpoint_root = self._output_dir / "checkpoints"
 
         self.global_step = 0
@@ -186,6 +203,7 @@ class KDTADRecipe(FTRecipeInterface):
 
         if self._cosine_weight > 0:
             self._setup_hidden_capture(cfg)
+        self._setup_fused_loss()
 
         self._optimizer = self._setup_optimizer(cfg.optimizer, resume_state)
         self._dataloader, self._sampler = self._setup_data(
@@ -210,6 +228,7 @@ class KDTADRecipe(FTRecipeInterface):
         if resume_state is not None:
             self._load_resume_state(*resume_state)
         if self._is_rank_zero:
+            log.info(self._loss_path_message)
             n_train = sum(p.numel() for p in self._model.parameters() if p.requires_grad)
             n_all = sum(p.numel() for p in self._model.parameters())
             log.info(
@@ -238,6 +257,57 @@ class KDTADRecipe(FTRecipeInterface):
                 f"kd_weight={self._kd_weight} but no kd_loss is configured; add kd_loss or set kd_weight: 0"
             )
         return int(ignore_index), int(chunks)
+
+    def _fused_blocker(self) -> str | None:
+        """Why the fused loss cannot be used for this run (None when it can)."""
+        if self._kd_weight == 0:
+            return "kd_weight is 0 (CE only: there is no divergence to fuse)"
+        kd = self._kd_loss
+        if not isinstance(kd, FusedLinearDistillationLoss) and type(kd) not in _FUSABLE:
+            return (
+                f"kd_loss is {type(kd).__name__}; the fused path supports TADLoss and ForwardKLLoss "
+                "(or a FusedLinear* kd_loss)"
+            )
+        for role, model in (("student", self._model), ("teacher", self._teacher_model)):
+            out = getattr(model, "output", None)
+            head_ok = isinstance(out, nn.Linear) or hasattr(out, "tied_module")
+            if not (hasattr(model, "unembed") and hasattr(model, "norm") and head_ok):
+                return (
+                    f"the {role} ({type(model).__name__}) is not a torchtune TransformerDecoder with a norm and an "
+                    f"nn.Linear or TiedLinear output (got output={type(out).__name__})"
+                )
+        return None
+
+    def _setup_fused_loss(self) -> None:
+        """Decides between the fused path (hidden states + output weights, no logits) and chunked logits.
+
+        ``fused_loss: auto`` takes the fused path whenever :meth:`_fused_blocker` finds nothing against it,
+        ``true`` raises with the reason when it cannot, ``false`` keeps the chunked logits. Both paths compute
+        the same sums (CE at temperature 1 on the student's logits in fp32, the divergence, its statistics).
+        """
+        blocker = self._fused_blocker()
+        is_fused_kd = isinstance(self._kd_loss, FusedLinearDistillationLoss)
+        if self._fused_mode == "true" and blocker is not None:
+            raise ValueError(f"fused_loss: true, but the fused loss cannot be used: {blocker}; set fused_loss: auto")
+        if self._fused_mode == "false" and is_fused_kd and self._kd_weight != 0:
+            raise ValueError(
+                f"fused_loss: false, but kd_loss is {type(self._kd_loss).__name__}, which needs hidden states; "
+                "use fused_loss: auto (or a plain divergence such as tad_torchtune.TADLoss with fused_loss: false)"
+            )
+        if self._fused_mode == "false" or blocker is not None:
+            why = "fused_loss: false" if self._fused_mode == "false" else f"fused path not used: {blocker}"
+            self._loss_path_message = f"loss path: chunked logits ({self._num_output_chunks} chunks per model; {why})"
+            return
+        if is_fused_kd:
+            self._fused_loss = self._kd_loss
+            # Stats, hooks and the rest of the recipe see the divergence, as on the chunked path.
+            self._kd_loss = self._kd_loss.divergence
+        else:
+            self._fused_loss = FusedLinearDistillationLoss(self._kd_loss, chunk_size=_FUSED_CHUNK_SIZE)
+        self._loss_path_message = (
+            f"loss path: fused ({type(self._kd_loss).__name__} from final hidden states and output weights, "
+            f"{self._fused_loss.chunk_size} tokens per slice, no [B, S, V] logits; fused_loss: {self._fused_mode})"
+        )
 
     def _full_state_dict_or_random(self, cfg_model: DictConfig, state_dict: dict | None) -> dict:
         if state_dict is not None:
@@ -491,6 +561,9 @@ class KDTADRecipe(FTRecipeInterface):
         valid = labels != self._ignore_index
         zero = torch.zeros((), device=self._device)
 
+        if self._fused_loss is not None:
+            return self._fused_loss_step(tokens, labels, valid, model_kwargs)
+
         teacher_logits = teacher_hidden = None
         if self._teacher_model is not None:
             with torch.no_grad():
@@ -519,6 +592,44 @@ class KDTADRecipe(FTRecipeInterface):
             cos = sum(cosine_distance_sum(s, t, valid) for s, t in zip(student_hidden, teacher_hidden, strict=True))
             weighted = weighted + self._cosine_weight * cos
             del teacher_hidden
+        return {
+            "weighted": weighted,
+            "ce": ce.detach(),
+            "kd": kd.detach(),
+            "cosine": cos.detach(),
+            "kd_stats": kd_stats,
+        }
+
+    def _fused_loss_step(
+        self, tokens: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, model_kwargs: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`_loss_step` on the fused path: CE and the divergence from hidden states, slice by slice.
+
+        The student's loss is computed inside its forward (its output weight gathered once by FSDP2, its
+        gradient computed in the forward); returns the same dict as the chunked path.
+        """
+        zero = torch.zeros((), device=self._device)
+        weighted = fused_distillation_loss(
+            self._model,
+            self._teacher_model,
+            tokens,
+            labels,
+            self._fused_loss,
+            normalize=False,
+            kd_weight=self._kd_weight,
+            ce_weight=self._ce_weight,
+            **model_kwargs,
+        )
+        kd_stats = dict(self._fused_loss.last_stats)
+        # The fused loss only computes CE when its weight is non-zero (then ce_loss is not logged).
+        ce = kd_stats.pop("ce_sum", zero)
+        kd = kd_stats["divergence_sum"]
+        cos = zero
+        if self._hidden_student is not None:
+            # The layer hooks fired during both forwards (the fused path only replaces the output head).
+            teacher_hidden, student_hidden = self._hidden_teacher.pop(), self._hidden_student.pop()
+            cos = sum(cosine_distance_sum(s, t, valid) for s, t in zip(student_hidden, teacher_hidden, strict=True))
+            weighted = weighted + self._cosine_weight * cos
         return {
             "weighted": weighted,
             "ce": ce.detach(),
@@ -620,6 +731,8 @@ class KDTADRecipe(FTRecipeInterface):
             "ce_loss": ce,
             "kd_loss": kd,
         }
+        if self._fused_loss is not None and self._ce_weight == 0:
+            del metrics["ce_loss"]  # not computed on the fused path when its weight is 0
         if self._cosine_weight > 0:
             metrics["cosine_loss"] = cos
         for key, value in reduced.items():

@@ -1,0 +1,138 @@
+"""The recipe's ``fused_loss`` switch: the fused path (hidden states + output weights, no logits) trains exactly
+like the chunked-logits path, is the default where it applies, and refuses clearly where it does not.
+
+The two-process FSDP2 run of the default config (fused under ``auto``) is compared with one process in
+``test_launch.py::test_two_processes_match_one_and_resume``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from tad_torchtune.losses.fused_linear import FusedLinearDistillationLoss
+from tests.recipes.conftest import run_in_process, tiny_cfg
+
+pytestmark = pytest.mark.integration_test
+
+# Timing and memory differ between the paths by design; everything else must agree.
+_NOT_COMPARED = ("tokens_per_second_per_gpu", "peak_rss_gib", "peak_memory_alloc_gib", "peak_memory_reserved_gib")
+
+
+def _cfg(assets, out, kd_loss: dict | None = None, **overrides):
+    """``tiny_cfg`` with ``kd_loss`` replaced (not merged into the TAD node)."""
+    cfg = tiny_cfg(assets, out, **overrides)
+    if kd_loss is not None:
+        cfg.kd_loss = OmegaConf.create(kd_loss)
+    return cfg
+
+
+def _run(assets, out, fused, **overrides):
+    return run_in_process(
+        _cfg(assets, out, max_steps_per_epoch=3, save_every_n_steps=None, fused_loss=fused, **overrides)
+    )
+
+
+def _assert_same_training(chunked, fused):
+    assert chunked._fused_loss is None and isinstance(fused._fused_loss, FusedLinearDistillationLoss)
+    assert len(chunked.metrics_history) == len(fused.metrics_history) == 3
+    for a, b in zip(chunked.metrics_history, fused.metrics_history, strict=True):
+        assert set(a) == set(b)  # same metric keys: losses, the divergence's statistics, grad_norm...
+        for key in set(a) - set(_NOT_COMPARED):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    # Three optimizer steps on identical gradients leave identical students.
+    sd_c, sd_f = chunked._model.state_dict(), fused._model.state_dict()
+    for k in sd_c:
+        assert (sd_c[k] - sd_f[k]).abs().max().item() < 1e-5, k
+
+
+def test_fused_tad_matches_chunked_and_is_the_default(tiny_assets, tmp_path):
+    """TAD, teacher vocabulary 264 > student 259 (cut): auto (the default) = fused = chunked, per step."""
+    chunked = _run(tiny_assets, tmp_path / "chunked", False)
+    fused = _run(tiny_assets, tmp_path / "fused", "auto")
+    _assert_same_training(chunked, fused)
+    assert fused._teacher_model.output.weight.size(0) > fused._model.output.weight.size(0)
+    assert {"alpha_t_mean", "w_mean", "dkl1_mean", "tail_mean", "topk_overlap_mean"} <= set(fused.metrics_history[0])
+    assert OmegaConf.load("configs/tiny_cpu.yaml").fused_loss == "auto"
+
+
+def test_fused_kd_loss_component_with_small_slices(tiny_assets, tmp_path):
+    """A ``FusedLinearTADLoss`` kd_loss (16-token slices: many per micro-batch) trains like ``TADLoss``."""
+    chunked = _run(tiny_assets, tmp_path / "chunked", False)
+    node = {"_component_": "tad_torchtune.losses.fused_linear.FusedLinearTADLoss", "top_k": 10, "beta": 2.0}
+    fused = _run(tiny_assets, tmp_path / "fused", True, kd_loss={**node, "chunk_size": 16})
+    assert fused._fused_loss.chunk_size == 16
+    _assert_same_training(chunked, fused)
+
+
+def test_fused_forward_kl_tied_student_cosine_accumulation(tiny_assets, tmp_path):
+    """Forward KL, a tied-embedding random-init student, the cosine hidden-state term, 2 micro-batches."""
+    overrides = {
+        "kd_loss": {"_component_": "tad_torchtune.ForwardKLLoss", "num_output_chunks": 4},
+        "checkpointer": None,
+        "model.tie_word_embeddings": True,
+        "cosine_weight": 0.5,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+    }
+    chunked = _run(tiny_assets, tmp_path / "chunked", False, **overrides)
+    fused = _run(tiny_assets, tmp_path / "fused", True, **overrides)
+    assert hasattr(fused._model.output, "tied_module")
+    assert fused.metrics_history[0]["cosine_loss"] > 0
+    _assert_same_training(chunked, fused)
+
+
+def _setup_error(cfg) -> str:
+    from tad_torchtune.recipes.kd_tad import KDTADRecipe
+
+    recipe = None
+    try:
+        with pytest.raises(ValueError) as info:
+            recipe = KDTADRecipe(cfg)
+            recipe.setup(cfg)
+    finally:
+        if recipe is not None:
+            recipe.cleanup()
+    return str(info.value)
+
+
+def test_fused_loss_true_where_it_cannot_apply_is_a_clear_error(tiny_assets, tmp_path):
+    rkl = {"_component_": "tad_torchtune.ReverseKLLoss", "num_output_chunks": 4}
+    msg = _setup_error(_cfg(tiny_assets, tmp_path / "a", fused_loss=True, kd_loss=rkl))
+    assert "fused_loss: true" in msg and "kd_loss is ReverseKLLoss" in msg
+    msg = _setup_error(_cfg(tiny_assets, tmp_path / "b", fused_loss=True, kd_weight=0.0))
+    assert "kd_weight is 0" in msg
+    fused_node = {"_component_": "tad_torchtune.losses.fused_linear.FusedLinearForwardKLLoss"}
+    msg = _setup_error(_cfg(tiny_assets, tmp_path / "c", fused_loss=False, kd_loss=fused_node))
+    assert "fused_loss: false" in msg and "FusedLinearForwardKLLoss" in msg
+    msg = _setup_error(_cfg(tiny_assets, tmp_path / "d", fused_loss="sometimes"))
+    assert "fused_loss must be auto, true or false" in msg and "sometimes" in msg
+
+
+def test_auto_falls_back_to_chunked_for_other_divergences(tiny_assets, tmp_path):
+    rkl = {"_component_": "tad_torchtune.ReverseKLLoss", "num_output_chunks": 4}
+    cfg = _cfg(tiny_assets, tmp_path / "run", max_steps_per_epoch=1, save_every_n_steps=None, kd_loss=rkl)
+    recipe = run_in_process(cfg)
+    assert recipe._fused_loss is None and "ReverseKLLoss" in recipe._loss_path_message
+    assert recipe.metrics_history[0]["kd_loss"] > 0
+
+
+def test_guard_catches_nonfinite_teacher_on_the_fused_path(tiny_assets, tmp_path):
+    """No logits exist on the fused path: a NaN teacher hidden state reaches the loss or the gradients (the
+    guard's later checkpoints), and the step is skipped."""
+    from tad_torchtune.recipes.kd_tad import KDTADRecipe
+
+    cfg = _cfg(tiny_assets, tmp_path / "run", max_steps_per_epoch=3, save_every_n_steps=None, fused_loss=True)
+    recipe = KDTADRecipe(cfg)
+    try:
+        recipe.setup(cfg)
+        # final_hidden_states runs the teacher's norm as its head: poison its output during step 2.
+        recipe._teacher_model.norm.register_forward_hook(
+            lambda m, a, out: out * float("nan") if recipe.global_step + 1 == 2 else None
+        )
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    assert recipe._guard.skipped_steps == [2]
+    assert recipe._guard.last_report.startswith("non-finite values at step 2: first in ")
+    assert [m["nonfinite_skipped_steps"] for m in recipe.metrics_history] == [0, 1, 1]
