@@ -42,7 +42,7 @@ RECIPE_KEYS = frozenset(
     dataset batch_size shuffle collate_fn loss kd_loss ce_weight kd_weight kd_ratio cosine_weight hidden_layer_map
     freeze optimizer lr_scheduler gradient_accumulation_steps clip_grad_norm epochs max_steps_per_epoch
     save_every_n_steps keep_last_n_checkpoints resume_from_checkpoint enable_activation_checkpointing compile
-    custom_sharded_layers metric_logger log_every_n_steps log_peak_memory_stats nonfinite_policy
+    custom_sharded_layers metric_logger log_every_n_steps log_peak_memory_stats nonfinite_policy fused_loss
     """.split()
 )
 COMPONENT_KEYS = (

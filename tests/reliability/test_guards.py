@@ -72,7 +72,10 @@ def test_skip_policy_catches_each_place_and_never_steps_on_nan(assets, tmp_path)
     # Steps 2..5 are each poisoned in one place (NaN or inf); steps 1 and 6 are clean.
     plan = {2: ("teacher_logits", float("nan")), 3: ("student_logits", float("inf")),
             4: ("loss", float("nan")), 5: ("gradients", float("-inf"))}  # fmt: skip
+    # fused_loss: false: the injections poison logits and TADLoss.forward, which only the chunked-logits path has
+    # (the fused path's guard is tested in tests/recipes/test_fused_recipe.py).
     cfg = tiny_cfg(assets, tmp_path / "run", max_steps_per_epoch=6, save_every_n_steps=None, nonfinite_policy="skip")
+    cfg.fused_loss = False
     recipe, snaps = _prepare(cfg)
     tokens: dict[int, torch.Tensor] = {}
     for step, (place, value) in plan.items():
@@ -105,6 +108,7 @@ def test_skip_policy_catches_each_place_and_never_steps_on_nan(assets, tmp_path)
 @pytest.mark.parametrize("place", PLACES)
 def test_stop_policy_reports_step_tensor_and_tokens(assets, tmp_path, place):
     cfg = tiny_cfg(assets, tmp_path / "run", max_steps_per_epoch=2, save_every_n_steps=None, nonfinite_policy="stop")
+    cfg.fused_loss = False  # logits exist on the chunked path only (see above)
     recipe, snaps = _prepare(cfg)
     tokens: dict[int, torch.Tensor] = {}
     _inject(recipe, place, 2, float("nan"), tokens)
