@@ -6,7 +6,7 @@ thing, before a process group, a model or a dataset exists. Checks:
 
 - config keys: unknown or misspelled top-level keys and component arguments (closest valid key suggested);
 - hyperparameters: ``top_k >= vocab``, ``beta <= 0``, ``lr <= 0``, ``num_output_chunks < 1``, batch sizes,
-  epochs, checkpoint cadence, loss weights, dtype, ``nonfinite_policy``;
+  epochs, checkpoint cadence, loss weights, dtype, ``nonfinite_policy``, ``fused_loss``;
 - models: buildable (on the meta device: no memory, no weights), teacher vocabulary >= student vocabulary,
   tokenizer ids fit the student, tokenizer ``max_seq_len`` <= what both models support;
 - checkpoints: every configured file exists, loads without running code, and (torchtune format) holds
@@ -210,6 +210,9 @@ class _Checker:
             self.add(
                 "nonfinite_policy", f"must be 'skip' or 'stop', got {policy!r}{_suggest(str(policy), ['skip', 'stop'])}"
             )
+        fused = cfg.get("fused_loss", "auto")
+        if str(fused).strip().lower() not in ("auto", "true", "false"):
+            self.add("fused_loss", f"must be auto, true or false, got {fused!r}")
         if cfg.get("optimizer") is not None:
             self._number("optimizer.lr", 0, strict=True, integer=False)
         for key in ("loss", "kd_loss"):
