@@ -13,6 +13,11 @@ Every term is a *sum* over valid tokens divided once by ``N``, so the gradient d
 global batch is split into micro-batches or ranks. With ``ce_weight = kd_weight = 1`` this is the paper's
 ``CE + L_DIV`` (arXiv 2602.20816, Eq. 4 with ``kd_loss: tad_torchtune.TADLoss``).
 
+Two loss paths compute these sums (``fused_loss``): by default, for TAD and forward KL, the *fused* path
+(``tad_torchtune.losses.fused_linear``) takes both models' final hidden states and output weights and walks
+token slices, so no ``[B, S, V]`` logits exist; otherwise (``fused_loss: false``, other divergences, CE-only
+runs) both models emit ``num_output_chunks`` logit chunks. Both give the same losses and gradients.
+
 Usage::
 
     tune run tad_torchtune.recipes.kd_tad --config configs/tiny_cpu.yaml assets_dir=/tmp/tiny
