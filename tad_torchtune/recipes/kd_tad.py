@@ -49,6 +49,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune.data import padded_collate_packed
+from torchtune.modules import TiedLinear
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
@@ -79,6 +80,17 @@ _PER_ROW_STATS = {"w_sum": "num_rows"}
 _FUSABLE = (TADLoss, ForwardKLLoss)
 # Tokens per slice of the fused loss when kd_loss is a plain divergence (a FusedLinear* kd_loss brings its own).
 _FUSED_CHUNK_SIZE = 1024
+
+
+def _plain_output_head(out: Any) -> bool:
+    """True for an output layer whose logits are exactly ``h Wᵀ (+ b)``: ``nn.Linear`` or ``TiedLinear`` (also
+    wrapped by FSDP2, which subclasses without overriding), not subclasses that change the logits (soft-caps, LoRA).
+    """
+    if isinstance(out, nn.Linear):
+        return type(out).forward is nn.Linear.forward
+    if isinstance(out, TiedLinear):
+        return type(out).__call__ is TiedLinear.__call__
+    return False
 
 
 def _fused_mode(value: Any) -> str:
@@ -275,11 +287,11 @@ class KDTADRecipe(FTRecipeInterface):
             )
         for role, model in (("student", self._model), ("teacher", self._teacher_model)):
             out = getattr(model, "output", None)
-            head_ok = isinstance(out, nn.Linear) or hasattr(out, "tied_module")
-            if not (hasattr(model, "unembed") and hasattr(model, "norm") and head_ok):
+            if not (hasattr(model, "unembed") and hasattr(model, "norm") and _plain_output_head(out)):
                 return (
-                    f"the {role} ({type(model).__name__}) is not a torchtune TransformerDecoder with a norm and an "
-                    f"nn.Linear or TiedLinear output (got output={type(out).__name__})"
+                    f"the {role} ({type(model).__name__}) is not a torchtune TransformerDecoder with a norm and a "
+                    f"plain nn.Linear or TiedLinear output (got output={type(out).__name__}; e.g. Gemma-2's "
+                    "soft-capped output changes the logits, which the fused loss would not reproduce)"
                 )
         return None
 

@@ -136,3 +136,25 @@ def test_guard_catches_nonfinite_teacher_on_the_fused_path(tiny_assets, tmp_path
     assert recipe._guard.skipped_steps == [2]
     assert recipe._guard.last_report.startswith("non-finite values at step 2: first in ")
     assert [m["nonfinite_skipped_steps"] for m in recipe.metrics_history] == [0, 1, 1]
+
+
+def test_only_plain_output_heads_are_fused():
+    """Soft-capped (Gemma-2) or otherwise overridden heads change the logits: never fused, even when tied."""
+    import torch
+    from torchtune.modules import TiedLinear
+
+    from tad_torchtune.models.gemma2 import SoftcappedTiedLinear
+    from tad_torchtune.recipes.kd_tad import _plain_output_head
+
+    class Capped(torch.nn.Linear):
+        def forward(self, x):
+            return 30 * torch.tanh(super().forward(x) / 30)
+
+    class Wrapped(torch.nn.Linear):  # what FSDP2's dynamic subclass looks like: no forward of its own
+        pass
+
+    emb = torch.nn.Embedding(11, 4)
+    assert _plain_output_head(torch.nn.Linear(4, 11)) and _plain_output_head(Wrapped(4, 11))
+    assert _plain_output_head(TiedLinear(emb))
+    assert not _plain_output_head(SoftcappedTiedLinear(emb, 30.0)) and not _plain_output_head(Capped(4, 11))
+    assert not _plain_output_head(None)
