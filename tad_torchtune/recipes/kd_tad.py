@@ -286,12 +286,13 @@ class KDTADRecipe(FTRecipeInterface):
                 "(or a FusedLinear* kd_loss)"
             )
         for role, model in (("student", self._model), ("teacher", self._teacher_model)):
+            if not (hasattr(model, "unembed") and hasattr(model, "norm")):
+                return f"the {role} ({type(model).__name__}) is not a torchtune TransformerDecoder (.unembed, .norm)"
             out = getattr(model, "output", None)
-            if not (hasattr(model, "unembed") and hasattr(model, "norm") and _plain_output_head(out)):
+            if not _plain_output_head(out):
                 return (
-                    f"the {role} ({type(model).__name__}) is not a torchtune TransformerDecoder with a norm and a "
-                    f"plain nn.Linear or TiedLinear output (got output={type(out).__name__}; e.g. Gemma-2's "
-                    "soft-capped output changes the logits, which the fused loss would not reproduce)"
+                    f"the {role}'s output is {type(out).__name__}, not a plain nn.Linear or TiedLinear (the fused "
+                    "loss computes h Wᵀ + b and would not reproduce a head that changes it, e.g. Gemma-2's soft-cap)"
                 )
         return None
 
@@ -304,6 +305,11 @@ class KDTADRecipe(FTRecipeInterface):
         """
         blocker = self._fused_blocker()
         is_fused_kd = isinstance(self._kd_loss, FusedLinearDistillationLoss)
+        if is_fused_kd and blocker is not None and self._kd_weight != 0:
+            raise ValueError(
+                f"kd_loss is {type(self._kd_loss).__name__} (fused only), but the fused loss cannot be used: "
+                f"{blocker}; use a plain divergence such as tad_torchtune.TADLoss"
+            )
         if self._fused_mode == "true" and blocker is not None:
             raise ValueError(f"fused_loss: true, but the fused loss cannot be used: {blocker}; set fused_loss: auto")
         if self._fused_mode == "false" and is_fused_kd and self._kd_weight != 0:
