@@ -50,9 +50,12 @@ def test_two_processes_match_one_and_resume(tiny_assets, tmp_path):
     common = ["batch_size=2", "max_steps_per_epoch=4", "save_every_n_steps=1", "keep_last_n_checkpoints=null"]
     full = tmp_path / "full"
     cmd = ["tune", "run", "--nproc_per_node", "2", "tad_torchtune.recipes.kd_tad", "--config", "configs/tiny_cpu.yaml"]
-    run_cli(cmd + _overrides(tiny_assets, full, *common))
+    proc = run_cli(cmd + _overrides(tiny_assets, full, *common))
+    # The default fused_loss: auto takes the fused path (hidden states + output weights) on both ranks and here.
+    assert (proc.stdout + proc.stderr).count("loss path: fused") == 1  # logged by rank 0
     two = _check_recorded(full, 4)
     one = run_in_process(tiny_cfg(tiny_assets, tmp_path / "one", max_steps_per_epoch=4, save_every_n_steps=None))
+    assert one._fused_loss is not None
     for r, m in zip(two, one.metrics_history, strict=True):
         for key in ("loss", "ce_loss", "kd_loss", "alpha_t_mean", "w_mean", "num_tokens"):
             assert r[key] == pytest.approx(m[key], rel=1e-5, abs=1e-6), key
