@@ -389,14 +389,18 @@ def output_projection(model: nn.Module, gather: bool = False) -> tuple[torch.Ten
         ValueError: a model whose ``output`` is neither.
     """
     out = getattr(model, "output", None)
-    if isinstance(out, nn.Linear):
+    # Exact types only: a subclass may transform the projection (Gemma-2's SoftcappedTiedLinear applies a
+    # logit soft-cap), which a fused loss reading the bare weight would silently drop. (By name for
+    # TiedLinear, which lives in torchtune: this package imports only torch.)
+    if type(out) is nn.Linear:
         weight, bias = out.weight, out.bias
-    elif out is not None and hasattr(out, "tied_module"):
+    elif type(out).__name__ == "TiedLinear" and hasattr(out, "tied_module"):
         weight, bias = out.tied_module.weight, None
     else:
         raise ValueError(
-            f"expected a torchtune TransformerDecoder whose .output is nn.Linear or TiedLinear, got "
-            f"{type(out).__name__}; pass the weight to the fused loss yourself"
+            f"expected a torchtune TransformerDecoder whose .output is exactly nn.Linear or TiedLinear, got "
+            f"{type(out).__name__} (a head that transforms the projection, e.g. a logit soft-cap, cannot be "
+            "fused); use the chunked-logits loss, or pass the weight to the fused loss yourself"
         )
     if gather:
         weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tad_torchtune.losses import ForwardKLLoss, TADLoss
@@ -305,3 +306,20 @@ def test_fsdp2_gloo_two_ranks_match_dense(tmp_path):
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
     worst = eval(out.read_text())  # noqa: S307 - our own repr of a dict of floats
     assert worst[True] < 1e-5 and worst[False] < 1e-5, worst
+
+
+def test_output_projection_refuses_a_soft_capped_tied_head():
+    """Gemma-2's SoftcappedTiedLinear subclasses TiedLinear; fusing it would silently drop the logit cap."""
+    from torchtune.modules import TiedLinear
+
+    from tad_torchtune.losses.fused_linear import output_projection
+    from tad_torchtune.models.gemma2 import SoftcappedTiedLinear
+
+    embedding = nn.Embedding(11, 4)
+    model = nn.Module()
+    model.output = TiedLinear(embedding)
+    weight, bias = output_projection(model)
+    assert weight is embedding.weight and bias is None
+    model.output = SoftcappedTiedLinear(embedding, capping_value=30.0)
+    with pytest.raises(ValueError, match="SoftcappedTiedLinear"):
+        output_projection(model)
