@@ -30,6 +30,7 @@ import csv
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -244,7 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_recipe_"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_recipe_"))  # ~0.45 GB of mid checkpoints: removed at the end
+    try:
+        return _drive(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drive(args: argparse.Namespace, tmp: Path) -> int:
+    """Writes the assets, runs every (config, kd, fused, runner) ``--reps`` times, prints and saves the table."""
     assets = {}
     if "tiny" in args.configs:
         from tad_torchtune.training.tiny import write_tiny_assets
