@@ -305,6 +305,18 @@ def _pyplot():
     return plt
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    """Lays out, writes (creating the folder) and closes a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_heldout_kl(
     runs: Mapping[str, Sequence[tuple[int, float]]],
     path: str | Path,
@@ -343,12 +355,7 @@ def plot_heldout_kl(
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_tail_mass(
@@ -395,12 +402,7 @@ def plot_tail_mass(
     ax2.legend(frameon=False, loc="lower left", fontsize=8)
     if len(named) > 1:
         ax1.legend(frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
