@@ -307,13 +307,11 @@ def _pyplot():
 
 def _save_figure(fig, path: str | Path) -> Path:
     """Lays out, writes (creating the folder) and closes a matplotlib figure; returns the path."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
