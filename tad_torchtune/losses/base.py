@@ -93,17 +93,31 @@ class ChunkedDivergenceLoss(nn.Module):
         self.num_output_chunks = int(num_output_chunks)
         self.ignore_index = int(ignore_index)
         self._last_stats: dict[str, torch.Tensor] = {}
-        # Scratch [rows, V] fp32 buffers live for one forward call and are reused by every chunk: on CPU a
-        # fresh large tensor costs page faults on first touch (often more than the arithmetic on it).
+        # Scratch [rows, V] fp32 buffers are reused by every chunk of a call: on CPU a fresh large tensor
+        # costs page faults on first touch (often more than the arithmetic on it). See keep_workspace.
         self._workspace: dict[str, torch.Tensor] | None = None
         self._workspace_rows = 0
+        self._kept_workspace: dict[str, torch.Tensor] | None = None
+        #: Keep the scratch buffers between calls (``None``: on CPU only). glibc returns every buffer above
+        #: 32 MiB to the kernel when freed, so a fresh one per call pays its page faults again (measured:
+        #: +30 ms per [512, 32000] fp32 buffer, as much as one pass of arithmetic over it). The buffers are
+        #: live during the loss anyway, so the peak hardly moves; CUDA's caching allocator already reuses
+        #: memory, so there they are freed. :meth:`release_workspace` frees kept buffers.
+        self.keep_workspace: bool | None = None
 
     # ----------------------------------------------------------------------------------------------
     # What a subclass provides
     _needs_prepare: bool = False
+    #: ``_chunk`` accepts ``ce=(labels, ce_scale)`` and adds the student's cross-entropy (at τ = 1) to its
+    #: value (``stats["ce_sum"]``) and gradient, reusing its own ``log p_S`` (the fused loss uses this).
+    _folds_ce: bool = False
 
-    def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor) -> Any:
-        """First pass, one teacher chunk (``[N, V]`` fp32 / τ, read-only), no grad; only when ``_needs_prepare``."""
+    def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor, keep: bool = False) -> Any:
+        """First pass, one teacher chunk (``[N, V]`` fp32 / τ, read-only), no grad; only when ``_needs_prepare``.
+
+        ``keep=True`` promises that ``_chunk`` runs next on this same chunk, so the item may hold scratch
+        buffers (e.g. the teacher's probabilities) for it to reuse.
+        """
         return None
 
     def _finish_prepare(self, items: list[Any], valid_chunks: list[torch.Tensor], batch_size: int) -> list[Any]:
@@ -143,15 +157,39 @@ class ChunkedDivergenceLoss(nn.Module):
         one call; a fresh tensor outside :meth:`forward` (e.g. when another module drives ``_chunk``)."""
         return self._buffer_of(name, like.size(0), like.size(1), like.device)
 
-    def _buffer_of(self, name: str, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-        """As :meth:`_buffer`, from the shape and device."""
+    def _buffer_of(
+        self, name: str, rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """As :meth:`_buffer`, from the shape, device (and dtype: fp32 unless given)."""
         if self._workspace is None:
-            return torch.empty(rows, vocab, dtype=torch.float32, device=device)
+            return torch.empty(rows, vocab, dtype=dtype, device=device)
         buf = self._workspace.get(name)
-        if buf is None or buf.size(1) != vocab or buf.size(0) < rows or buf.device != device:
-            buf = torch.empty(max(rows, self._workspace_rows), vocab, dtype=torch.float32, device=device)
+        if buf is None or buf.size(1) != vocab or buf.size(0) < rows or buf.device != device or buf.dtype != dtype:
+            buf = None
+            self._workspace.pop(name, None)  # free the old one before allocating its replacement
+            buf = torch.empty(max(rows, self._workspace_rows), vocab, dtype=dtype, device=device)
             self._workspace[name] = buf
         return buf[:rows]
+
+    def _open_workspace(self, device: torch.device, rows: int) -> None:
+        """Starts a call's scratch workspace (kept from the previous call where :attr:`keep_workspace`)."""
+        keep = self.keep_workspace if self.keep_workspace is not None else device.type == "cpu"
+        if keep:
+            if self._kept_workspace is None:
+                self._kept_workspace = {}
+            self._workspace = self._kept_workspace
+        else:
+            self._kept_workspace = None
+            self._workspace = {}
+        self._workspace_rows = rows
+
+    def _close_workspace(self) -> None:
+        self._workspace = None
+
+    def release_workspace(self) -> None:
+        """Frees scratch buffers kept between calls (see :attr:`keep_workspace`); the next call allocates anew."""
+        self._kept_workspace = None
+        self._workspace = None
 
     def _owned(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is one of this call's scratch buffers (so a subclass may overwrite it)."""
@@ -294,8 +332,7 @@ class ChunkedDivergenceLoss(nn.Module):
             buf.view(chunk.size(0), chunk.size(1), vocab).copy_(chunk[..., :vocab])
             return buf.mul_(inv_tau) if inv_tau != 1.0 else buf
 
-        self._workspace = {}
-        self._workspace_rows = max(c.size(0) * c.size(1) for c in student_chunks)
+        self._open_workspace(student_chunks[0].device, max(c.size(0) * c.size(1) for c in student_chunks))
         try:
             with torch.no_grad():
                 self._prepared_stats: dict[str, torch.Tensor] = {}
@@ -344,7 +381,7 @@ class ChunkedDivergenceLoss(nn.Module):
                 self._last_stats = stats
                 loss = total * scale
         finally:
-            self._workspace = None  # release the scratch buffers
+            self._close_workspace()
 
         if not need_grad:
             return loss
@@ -370,3 +407,15 @@ def masked_sum(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def plogq_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Elementwise ``p · (log p − log q)`` with ``0 · anything = 0`` (masked ``-inf`` logits give no NaN)."""
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+def _fold_ce_value(log_ps: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over valid rows, ``Σ −log p_S[label]`` (0-d), from ``[N, V]`` log-probabilities."""
+    target = torch.where(valid, labels, 0)[:, None]
+    return masked_sum(-log_ps.gather(-1, target).squeeze(-1), valid)
+
+
+def _fold_ce_onehot(grad: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, ce_row: torch.Tensor) -> None:
+    """The ``−ce_row·onehot(label)`` part of the CE gradient, in place (``ce_row`` is 0 on ignored rows)."""
+    target = torch.where(valid, labels, 0)[:, None]
+    grad.scatter_add_(-1, target, -ce_row[:, None])

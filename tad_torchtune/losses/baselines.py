@@ -12,7 +12,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tad_torchtune.losses.base import ChunkedDivergenceLoss, ChunkResult, plogq_diff
+from tad_torchtune.losses.base import (
+    ChunkedDivergenceLoss,
+    ChunkResult,
+    _fold_ce_onehot,
+    _fold_ce_value,
+    plogq_diff,
+)
 
 
 def _finish(
@@ -59,9 +65,12 @@ class ForwardKLLoss(ChunkedDivergenceLoss):
         ignore_index (int): label of ignored positions. Default: -100
     """
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
+    _folds_ce = True
+
+    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0, ce=None):
         # Three reused [N, V] buffers, in place: a = log p_S -> gradient; b = log p_T -> KL terms; c = p_T.
         log_ps = torch._log_softmax(student, -1, False, out=self._buffer("a", student))
+        ce_sum = _fold_ce_value(log_ps, valid, ce[0]) if ce is not None else None
         b = student if self._owned(student) else self._buffer("b", student)
         log_pt = torch._log_softmax(teacher, -1, False, out=b)
         c = teacher if self._owned(teacher) else self._buffer("c", teacher)
@@ -70,8 +79,19 @@ class ForwardKLLoss(ChunkedDivergenceLoss):
         per_token = kl_terms.sum(-1)
         if bool(torch.isnan(per_token).any()):  # 0·(−inf − (−inf)) where both logits are −inf: the term is 0
             per_token = kl_terms.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
-        grad = log_ps.exp_().sub_(pt) if need_grad else None
-        return _finish(self, per_token, grad, valid, grad_scale)
+        if ce is None:
+            grad = log_ps.exp_().sub_(pt) if need_grad else None
+            return _finish(self, per_token, grad, valid, grad_scale)
+        # With a folded CE (τ = 1): row·(p_S − p_T) + ce_row·(p_S − onehot), in the same two passes.
+        result = _finish(self, per_token, None, valid, grad_scale)
+        result.stats["ce_sum"] = ce_sum
+        if need_grad:
+            row = torch.where(valid, self.temperature * grad_scale, 0.0)
+            ce_row = torch.where(valid, ce[1], 0.0)
+            grad = log_ps.exp_().mul_((row + ce_row)[:, None]).addcmul_(pt, row[:, None], value=-1.0)
+            _fold_ce_onehot(grad, valid, ce[0], ce_row)
+            result.grad = grad
+        return result
 
 
 class ReverseKLLoss(ChunkedDivergenceLoss):

@@ -197,26 +197,19 @@ class FusedLinearDistillationLoss(nn.Module):
         grad_enabled = torch.is_grad_enabled()
         wanted = {name: t is not None and grad_enabled and t.requires_grad for name, t in inputs}
         need_grad = any(wanted.values())
-        seq_chunk = max(1, min(seq, self.chunk_size // max(batch, 1)))
-        bounds = [(s0, min(s0 + seq_chunk, seq)) for s0 in range(0, seq, seq_chunk)]
-        label_chunks = [labels[:, s0:s1] for s0, s1 in bounds]
+        slices = _slices(batch, seq, self.chunk_size)
+        # Slices of whole rows hold every position of their sequences, so TAD's w(X) comes from the slice
+        # itself: one teacher projection per slice instead of two (see the module docstring).
+        single_pass = div._needs_prepare and seq <= self.chunk_size
+        label_chunks = [labels[rows, cols] for rows, cols in slices]
         valid_chunks = [(lab != div.ignore_index).reshape(-1) for lab in label_chunks]
 
-        def teacher_logits(s0: int, s1: int) -> torch.Tensor:
-            flat = t_hidden[:, s0:s1].reshape(-1, t_hidden.size(2))
-            logits = F.linear(flat, t_weight, t_bias).to(torch.float32)
+        def teacher_logits(rows: slice, cols: slice) -> torch.Tensor:
+            flat = t_hidden[rows, cols].reshape(-1, t_hidden.size(2))
+            logits = _project(div, "teacher_logits", flat, t_weight, t_bias)
             return logits.mul_(inv_tau) if inv_tau != 1.0 else logits
 
         with torch.no_grad():
-            # Pass 1 (TAD): teacher top-K ids and log α_T of every position, then w(X) per row.
-            div._prepared_stats = {}
-            if div._needs_prepare:
-                pairs = zip(bounds, valid_chunks, strict=True)
-                items = [div._prepare_chunk(teacher_logits(s0, s1), v) for (s0, s1), v in pairs]
-            else:
-                items = [None] * len(bounds)
-            prepared = div._finish_prepare(items, valid_chunks, batch)
-
             num_valid = sum(v.sum() for v in valid_chunks).to(torch.float32)
             scale = 1.0 / num_valid.clamp_min(1.0) if normalize else torch.ones((), device=labels.device)
             kd_scale = scale * kd_weight
@@ -229,17 +222,40 @@ class FusedLinearDistillationLoss(nn.Module):
             total_kd = torch.zeros((), dtype=torch.float32, device=labels.device)
             total_ce = torch.zeros((), dtype=torch.float32, device=labels.device)
             stats: dict[str, torch.Tensor] = {}
+            prepared_stats: dict[str, torch.Tensor] = {}
             s_bias = student_bias.detach() if student_bias is not None else None
             s_weight = student_weight.detach()
-            # Let the divergence reuse its [N, V] scratch buffers across slices, as in its own forward (not
-            # under compile, where a growing dict of buffers would only cause recompiles).
-            div._workspace = None if self.compile_chunk else {}
-            div._workspace_rows = batch * seq_chunk
+            # Let the divergence reuse its [N, V] scratch buffers across slices (and calls, on CPU), as in its
+            # own forward; not under compile, where a growing dict of buffers would only cause recompiles.
+            div._workspace = None
+            if not self.compile_chunk:
+                div._open_workspace(student_hidden.device, max(lab.numel() for lab in label_chunks))
             try:
-                for (s0, s1), lab, valid, prep in zip(bounds, label_chunks, valid_chunks, prepared, strict=True):
-                    hs = student_hidden.detach()[:, s0:s1].reshape(-1, student_hidden.size(2))
+                # Pass 1 (TAD, slices of part of each row): teacher top-K ids and α_T of every position, then
+                # w(X) per row, before any slice's tail term can be weighted.
+                div._prepared_stats = {}
+                if div._needs_prepare and not single_pass:
+                    pairs = zip(slices, valid_chunks, strict=True)
+                    items = [div._prepare_chunk(teacher_logits(rows, cols), v) for (rows, cols), v in pairs]
+                    prepared = div._finish_prepare(items, valid_chunks, batch)
+                    prepared_stats = dict(div._prepared_stats)
+                elif not div._needs_prepare:
+                    prepared = div._finish_prepare([None] * len(slices), valid_chunks, batch)
+                    prepared_stats = dict(div._prepared_stats)
+                else:
+                    prepared = [None] * len(slices)
+                for (rows, cols), lab, valid, prep in zip(slices, label_chunks, valid_chunks, prepared, strict=True):
+                    hs = student_hidden.detach()[rows, cols].reshape(-1, student_hidden.size(2))
+                    teacher = teacher_logits(rows, cols)
+                    if single_pass:
+                        # The slice's rows are complete: w(X) from this slice's own teacher pass, whose log p_T
+                        # and p_T the divergence pass then reuses.
+                        item = div._prepare_chunk(teacher, valid, keep=True)
+                        (prep,) = div._finish_prepare([item], [valid], lab.size(0))
+                        for key, value in div._prepared_stats.items():
+                            prepared_stats[key] = prepared_stats[key] + value if key in prepared_stats else value
                     per_token, ce, grad_logits, chunk_stats = self._step(
-                        div, hs, s_weight, s_bias, teacher_logits(s0, s1), lab.reshape(-1), valid, prep,
+                        div, hs, s_weight, s_bias, teacher, lab.reshape(-1), valid, prep,
                         need_grad, inv_tau, kd_scale, ce_scale, ce_weight != 0.0,
                     )  # fmt: skip
                     total_kd = total_kd + per_token.sum()
@@ -249,15 +265,15 @@ class FusedLinearDistillationLoss(nn.Module):
                     if need_grad:
                         g = grad_logits.to(student_weight.dtype)
                         if grad_h is not None:
-                            grad_h[:, s0:s1] = (g @ s_weight).view(batch, s1 - s0, -1)
+                            grad_h[rows, cols] = (g @ s_weight).view(lab.size(0), lab.size(1), -1)
                         if grad_w is not None:
                             _mm_accumulate(grad_w, g.t(), hs)
                         if grad_b is not None:
                             grad_b.add_(g.sum(0))
-                    del grad_logits, per_token
+                    del grad_logits, per_token, teacher
             finally:
-                div._workspace = None
-            stats.update(div._prepared_stats)
+                div._close_workspace()
+            stats.update(prepared_stats)
             stats["num_tokens"] = num_valid
             stats["divergence_sum"] = total_kd
             if ce_weight != 0.0:
@@ -296,10 +312,17 @@ def _chunk_step(
     Returns the per-token divergence ``[N]``, the CE sum (0-d), the gradient ``[N, V]`` fp32 of the *scaled*
     total loss with respect to the student logits (or None) and the divergence's chunk statistics.
     """
-    logits = F.linear(hs, weight, bias)  # model dtype, exactly what the model's output layer would give
+    # Model dtype, exactly what the model's output layer would give; into a reused buffer outside compile.
+    logits = F.linear(hs, weight, bias) if div._workspace is None else _project(div, "student_logits", hs, weight, bias)
     student = logits.to(torch.float32)
     ce = torch.zeros((), dtype=torch.float32, device=hs.device)
     ce_grad = None
+    if with_ce and inv_tau == 1.0 and div._folds_ce:
+        # The divergence adds CE to its own value and gradient from its log p_S (CE is at τ = 1): no extra
+        # passes over [N, V].
+        res = div._chunk(student, teacher, valid, prepared, need_grad, kd_scale, ce=(labels, ce_scale))
+        ce = res.stats.pop("ce_sum")
+        return res.per_token, ce, res.grad, res.stats
     if with_ce:
         # CE at temperature 1 on the unscaled logits; its gradient is softmax − one-hot.
         log_p = torch.log_softmax(student, dim=-1)
@@ -318,6 +341,36 @@ def _chunk_step(
     if grad is not None and ce_grad is not None:
         grad = grad.add_(ce_grad)
     return res.per_token, ce, grad, res.stats
+
+
+def _slices(batch: int, seq: int, chunk_size: int) -> list[tuple[slice, slice]]:
+    """``(rows, positions)`` of each slice of a ``[B, S]`` batch, about ``chunk_size`` tokens each.
+
+    Sequences no longer than ``chunk_size`` go whole, ``chunk_size // S`` rows per slice (what lets TAD
+    make one pass); longer ones are cut along the sequence, ``chunk_size // B`` positions of every row.
+    """
+    if seq <= chunk_size:
+        per = max(1, chunk_size // max(seq, 1))
+        return [(slice(r0, min(r0 + per, batch)), slice(0, seq)) for r0 in range(0, batch, per)]
+    per = max(1, chunk_size // max(batch, 1))
+    return [(slice(0, batch), slice(s0, min(s0 + per, seq))) for s0 in range(0, seq, per)]
+
+
+def _project(
+    div: ChunkedDivergenceLoss, name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``[N, V]`` fp32 logits ``hidden @ weight.T + bias`` formed in the model's dtype (as ``F.linear``) in the
+    divergence's reused scratch buffers: a fresh ``[N, V]`` tensor per slice costs page faults on CPU."""
+    n, vocab = hidden.size(0), weight.size(0)
+    low_precision = weight.dtype != torch.float32
+    out = div._buffer_of(name + "_model_dtype" if low_precision else name, n, vocab, hidden.device, weight.dtype)
+    if bias is None:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        torch.addmm(bias, hidden, weight.t(), out=out)
+    if low_precision:
+        out = div._buffer_of(name, n, vocab, hidden.device).copy_(out)
+    return out
 
 
 class FusedLinearTADLoss(FusedLinearDistillationLoss):

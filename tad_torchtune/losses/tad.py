@@ -19,7 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from tad_torchtune.losses.base import ChunkedDivergenceLoss, ChunkResult, masked_sum
+from tad_torchtune.losses.base import (
+    ChunkedDivergenceLoss,
+    ChunkResult,
+    _fold_ce_onehot,
+    _fold_ce_value,
+    masked_sum,
+)
 
 _NEG_INF = float("-inf")
 _INF = float("inf")
@@ -28,12 +34,22 @@ _INF = float("inf")
 class _TeacherPass:
     """Per-chunk results of the first (no-grad) teacher pass, reused by the second pass."""
 
-    __slots__ = ("topk_idx", "alpha", "weight")
+    __slots__ = ("topk_idx", "alpha", "weight", "log_pt", "pt")
 
-    def __init__(self, topk_idx: torch.Tensor, alpha: torch.Tensor):
+    def __init__(
+        self,
+        topk_idx: torch.Tensor,
+        alpha: torch.Tensor,
+        log_pt: torch.Tensor | None = None,
+        pt: torch.Tensor | None = None,
+    ):
         self.topk_idx = topk_idx  # [N, K] teacher's top-K ids
         self.alpha = alpha  # [N] α_T, summed over the tail entries themselves (never 1 − Σ top-K)
         self.weight: torch.Tensor | None = None  # [N] w(X) of each position's row
+        # [N, V] log p_T and p_T, kept only when the divergence pass follows at once on the same chunk
+        # (single-pass use, e.g. a fused slice holding whole rows): that pass then skips its own softmax.
+        self.log_pt = log_pt
+        self.pt = pt
 
 
 # Below this fp32 tail sum the student's α_S is recomputed in log space (log-sum-exp over the masked
@@ -113,6 +129,7 @@ class TADLoss(ChunkedDivergenceLoss):
     """
 
     _needs_prepare = True
+    _folds_ce = True
 
     def __init__(
         self,
@@ -141,8 +158,21 @@ class TADLoss(ChunkedDivergenceLoss):
             )
 
     # First pass: teacher top-K and α_T for every position, then w(X) per row.
-    def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor) -> _TeacherPass:
+    def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor, keep: bool = False) -> _TeacherPass:
+        """Teacher top-K ids and α_T of one chunk (``[N, V]`` fp32 / τ, read-only).
+
+        With ``keep`` the chunk's ``log p_T`` and ``p_T`` stay in two scratch buffers for the :meth:`_chunk`
+        call that follows on the same chunk (no second softmax); the caller must not start another chunk
+        in between.
+        """
         topk_idx = topk_indices(teacher, self.top_k)
+        if keep:
+            log_pt = torch._log_softmax(teacher, -1, False, out=self._buffer("log_pt", teacher))
+            probs = torch.exp(log_pt, out=self._buffer("pt", teacher))
+            top = probs.gather(-1, topk_idx)
+            alpha = probs.scatter_(-1, topk_idx, 0.0).sum(-1)
+            probs.scatter_(-1, topk_idx, top)  # restore p_T for the divergence pass
+            return _TeacherPass(topk_idx, alpha, log_pt, probs)
         probs = torch._softmax(teacher, -1, False, out=self._buffer("prepare", teacher))
         # Tail mass as a sum over the tail entries (TAD_SPEC §3.5): no cancellation when the top-K holds
         # nearly all the mass; it is 0 only when every tail probability underflows fp32.
@@ -183,6 +213,7 @@ class TADLoss(ChunkedDivergenceLoss):
         prepared: _TeacherPass,
         need_grad: bool,
         grad_scale: torch.Tensor | float = 1.0,
+        ce: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ChunkResult:
         idx, w, alpha_t = prepared.topk_idx, prepared.weight, prepared.alpha
         stats: dict[str, torch.Tensor] = {}
@@ -194,12 +225,19 @@ class TADLoss(ChunkedDivergenceLoss):
 
         # Three [N, V] fp32 buffers, written in place (each line is one pass over the chunk):
         #   a: log p_S (kept for the rare log-space rows);  b: log p_T -> KL terms -> p_S -> gradient;  c: p_T.
-        # The scaled inputs' own buffers are reused when they are ours.
+        # The scaled inputs' own buffers are reused when they are ours; a single-pass first pass hands
+        # over log p_T and p_T already computed.
         log_ps = torch._log_softmax(student, -1, False, out=self._buffer("a", student))
-        b = student if self._owned(student) else self._buffer("b", student)
-        log_pt = torch._log_softmax(teacher, -1, False, out=b)
-        c = teacher if self._owned(teacher) else self._buffer("c", teacher)
-        pt = torch.exp(log_pt, out=c)
+        if ce is not None:
+            stats["ce_sum"] = _fold_ce_value(log_ps, valid, ce[0])
+        if prepared.log_pt is not None:
+            log_pt, pt = prepared.log_pt, prepared.pt
+            b = log_pt
+        else:
+            b = student if self._owned(student) else self._buffer("b", student)
+            log_pt = torch._log_softmax(teacher, -1, False, out=b)
+            c = teacher if self._owned(teacher) else self._buffer("c", teacher)
+            pt = torch.exp(log_pt, out=c)
         pt_top = pt.gather(-1, idx)
 
         # Elementwise p_T·log(p_T/p_S); the tail is summed over its own entries (no cancellation).
@@ -244,17 +282,31 @@ class TADLoss(ChunkedDivergenceLoss):
             #   top-K: p_S − p_T;   tail: p_S − p_T + (w − 1)·(p_S·α_T/α_S − p_T) = c_1·p_S − w·p_T,
             # with c_1 = 1 + (w − 1)·α_T/α_S per row. d/dz = (1/τ)·d/d(z/τ) and the value carries τ², so the
             # row factor is τ·grad_scale (0 on ignored rows); it is folded into c_1 and w: two passes in all.
+            # A folded CE (τ = 1) adds ce_row·(p_S − onehot(label)): ce_row joins c_1 and the top-K entries,
+            # and the one-hot goes in last.
             row = torch.where(valid, self.temperature * grad_scale, 0.0)
+            ce_row = torch.where(valid, ce[1], 0.0) if ce is not None else None
             c1 = row * (1.0 + (w - 1.0) * log_ratio.exp())
+            if ce_row is not None:
+                c1 = c1 + ce_row
             grad = ps.mul_(c1[:, None]).addcmul_(pt, (row * w)[:, None], value=-1.0)
-            grad.scatter_(-1, idx, (ps_top - pt_top).mul_(row[:, None]))
+            top_grad = (ps_top - pt_top).mul_(row[:, None])
+            if ce_row is not None:
+                top_grad.addcmul_(ps_top, ce_row[:, None])
+            grad.scatter_(-1, idx, top_grad)
             if rows is not None:
                 # α_S below fp32's comfortable range: p_S·α_T/α_S in log space for these rows only.
                 lp = log_ps[rows]
                 r_rows, w_rows = row[rows, None], w[rows, None]
-                fixed = lp.exp() - pt[rows] + (w_rows - 1.0) * ((lp + log_ratio[rows, None]).exp() - pt[rows])
+                p_rows = lp.exp()
+                fixed = p_rows - pt[rows] + (w_rows - 1.0) * ((lp + log_ratio[rows, None]).exp() - pt[rows])
                 fixed.scatter_(-1, idx[rows], (ps_top[rows] - pt_top[rows]))
-                grad[rows] = fixed.mul_(r_rows)
+                fixed.mul_(r_rows)
+                if ce_row is not None:
+                    fixed.addcmul_(p_rows, ce_row[rows, None])
+                grad[rows] = fixed
+            if ce_row is not None:
+                _fold_ce_onehot(grad, valid, ce[0], ce_row)
         return ChunkResult(per_token, grad, stats)
 
     def stats(self) -> dict[str, float]:

@@ -50,7 +50,9 @@ def _fused_grads(fused, hs, ws, bs, ht, wt, labels, **kw):
     return loss, torch.autograd.grad(loss, leaves)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+# chunk_size 1 and 7 cut the 11-position rows (two teacher passes); 12 holds one whole row per slice and
+# 1000 the whole batch (one pass, w(X) from the slice itself).
+@pytest.mark.parametrize("chunk_size", [1, 7, 12, 1000])
 @pytest.mark.parametrize("normalize_beta", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_tad_matches_reference_fp32(chunk_size, normalize_beta, temperature):
@@ -129,6 +131,99 @@ def test_cross_entropy_and_weights():
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
     ce_ref = F.cross_entropy(F.linear(hs, ws, bs).reshape(-1, V), labels.reshape(-1), ignore_index=-100)
     assert fused.stats()["ce_mean"] == pytest.approx(ce_ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_name", ["tad", "fkl"])
+@pytest.mark.parametrize("chunk_size", [5, 12, 1000])
+def test_cross_entropy_folded_into_the_divergence_at_temperature_one(loss_name, chunk_size):
+    """At τ = 1 TAD and forward KL add CE to their own value and gradient (no separate CE pass): same numbers
+    as kd_weight · divergence + ce_weight · CE on the reference, including the one-hot at ignored rows."""
+    hs, ws, bs, ht, wt, labels = _inputs(torch.float32)
+    if loss_name == "tad":
+        fused = FusedLinearTADLoss(top_k=4, chunk_size=chunk_size)
+
+        def div_ref(zs, zt, lab):
+            return tad_reference(zs, zt, lab, top_k=4)
+    else:
+        fused = FusedLinearForwardKLLoss(chunk_size=chunk_size)
+        div_ref = forward_kl_reference
+    assert fused.divergence._folds_ce
+    loss, grads = _fused_grads(fused, hs, ws, bs, ht, wt, labels, kd_weight=0.3, ce_weight=0.7)
+
+    def ref_fn(zs, zt, lab):
+        ce = F.cross_entropy(zs.reshape(-1, V), lab.reshape(-1), ignore_index=-100)
+        return 0.3 * div_ref(zs, zt, lab) + 0.7 * ce
+
+    ref, ref_grads = _ref_grads(ref_fn, hs, ws, bs, ht, wt, labels)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    ce_ref = F.cross_entropy(F.linear(hs, ws, bs).reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    assert fused.stats()["ce_mean"] == pytest.approx(ce_ref.item(), rel=1e-5)
+
+
+def test_cross_entropy_folded_on_log_space_tail_rows():
+    """A student so sure of the teacher's top-K that its tail mass α_S underflows fp32 (the log-space rows of
+    TADLoss): those rows also carry the folded CE gradient."""
+    hs, ws, bs, ht, wt, labels = _inputs(torch.float32)
+    top = torch.tensor([0, 1, 2])
+    bs = torch.zeros(V).index_fill_(0, top, 200.0)  # tail mass ~e^-200: 0 in fp32, finite in fp64
+    bt = torch.zeros(V_T).index_fill_(0, top, 12.0)  # the teacher's top-3 are the same ids, α_T > 0
+    fused = FusedLinearTADLoss(top_k=3, chunk_size=1000)
+    loss, grads = _fused_grads(fused, hs, ws, bs, ht, wt, labels, teacher_bias=bt, ce_weight=1.0)
+    assert fused.stats()["alpha_s_mean"] > 0  # from the log-space fallback, not the fp32 sum (which is 0)
+
+    leaves = [t.double().requires_grad_(True) for t in (hs, ws, bs)]
+    zs = F.linear(*leaves)
+    zt = F.linear(ht.double(), wt.double(), bt.double())
+    ref = tad_reference(zs, zt, labels, top_k=3) + F.cross_entropy(zs.reshape(-1, V), labels.reshape(-1))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-4)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_one_pass_and_two_pass_slicing_agree():
+    """Whole-row slices (one teacher projection, w(X) from the slice) and sequence slices (a first pass over
+    all slices for w(X)) are two schedules of the same sums: same loss, gradients and statistics."""
+    b, s = 3, 16
+    hs = torch.randn(b, s, D_S)
+    ws, ht, wt = torch.randn(V, D_S), torch.randn(b, s, D_T), torch.randn(V_T, D_T)
+    labels = torch.randint(0, V, (b, s))
+    labels[1, 3:9] = -100
+    labels[2] = -100  # a row with no valid position has no w(X)
+    results = {}
+    for chunk in (16, 40, 10):  # one row per slice / two rows then one / 3-position slices of every row
+        fused = FusedLinearTADLoss(top_k=4, chunk_size=chunk)
+        loss, grads = _fused_grads(fused, hs, ws, None, ht, wt, labels, ce_weight=1.0)
+        results[chunk] = (loss, grads, fused.stats())
+    loss, grads, stats = results[10]
+    for chunk in (16, 40):
+        torch.testing.assert_close(results[chunk][0], loss, rtol=1e-6, atol=1e-6)
+        for got, want in zip(results[chunk][1], grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert results[chunk][2] == pytest.approx(stats, rel=1e-5, abs=1e-6)
+    assert stats["w_mean"] > 0 and stats["num_tokens"] == (labels != -100).sum().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_workspace_kept_between_calls_is_exact(dtype):
+    """Kept scratch buffers (the CPU default) give bit-identical results to fresh ones, across calls of
+    different shapes, and ``release_workspace`` drops them."""
+    kept, fresh = FusedLinearTADLoss(top_k=4, chunk_size=12), FusedLinearTADLoss(top_k=4, chunk_size=12)
+    fresh.divergence.keep_workspace = False
+    _, ws, bs, _, wt, _ = _inputs(dtype)
+    for b in (2, 1, 3):
+        hs, ht = torch.randn(b, S, D_S, dtype=dtype), torch.randn(b, S, D_T, dtype=dtype)
+        labels = torch.randint(0, V, (b, S))
+        labels[0, :3] = -100
+        got = _fused_grads(kept, hs, ws, bs, ht, wt, labels, ce_weight=1.0)
+        want = _fused_grads(fresh, hs, ws, bs, ht, wt, labels, ce_weight=1.0)
+        assert torch.equal(got[0], want[0])
+        for g, w in zip(got[1], want[1], strict=True):
+            assert torch.equal(g, w)
+    assert kept.divergence._kept_workspace and fresh.divergence._kept_workspace is None
+    kept.divergence.release_workspace()
+    assert kept.divergence._kept_workspace is None
 
 
 def test_teacher_never_gets_a_gradient_and_no_valid_tokens():
