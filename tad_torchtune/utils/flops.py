@@ -32,11 +32,14 @@ import torch
 
 __all__ = [
     "FlopsBreakdown",
+    "FlopsPerToken",
     "ModelDims",
+    "KNOWN_PEAKS",
     "estimate_flops_per_token",
     "model_dims",
     "forward_flops_per_token",
     "measure_matmul_peak",
+    "parse_peak_flops",
     "utilisation",
     "main",
 ]
@@ -196,6 +199,94 @@ def estimate_flops_per_token(
         student_output=3.0 * s_fwd["output"],
         teacher_output=teacher_output,
     )
+
+
+class FlopsPerToken:
+    """FLOPs per token of one fixed setup as a function of the padded sequence length, cached per length.
+
+    The recipe builds one at setup (its student and teacher config nodes, its loss kind and path) and calls it
+    with each micro-batch's padded length: a dict look-up after the first call for a length, no model walk.
+
+    Args:
+        student_cfg, teacher_cfg, loss, fused, causal: as for :func:`estimate_flops_per_token`.
+
+    Raises:
+        ValueError: as :func:`model_dims` and :func:`estimate_flops_per_token` (checked here, once).
+
+    Example:
+        >>> fpt = FlopsPerToken("qwen1_5_student_1_2b", "qwen1_5_1_8b", loss="tad", fused=True)
+        >>> fpt(2048) == estimate_flops_per_token("qwen1_5_student_1_2b", "qwen1_5_1_8b", 2048, fused=True).total
+        True
+    """
+
+    def __init__(
+        self,
+        student_cfg: Mapping[str, Any] | str | ModelDims,
+        teacher_cfg: Mapping[str, Any] | str | ModelDims | None = None,
+        *,
+        loss: str = "tad",
+        fused: bool = False,
+        causal: bool = True,
+    ) -> None:
+        self.student = model_dims(student_cfg)
+        self.teacher = model_dims(teacher_cfg) if teacher_cfg is not None else None
+        self.loss, self.fused, self.causal = loss, fused, causal
+        self._cache: dict[int, float] = {}
+        self(1)  # argument errors (loss kind, a tad/kl loss without teacher) surface here, not mid-training
+
+    def breakdown(self, seq_len: int) -> FlopsBreakdown:
+        """The per-part count at ``seq_len`` (not cached)."""
+        return estimate_flops_per_token(
+            self.student, self.teacher, seq_len, loss=self.loss, fused=self.fused, causal=self.causal
+        )
+
+    def __call__(self, seq_len: int) -> float:
+        """Total FLOPs per token at context length ``seq_len``."""
+        total = self._cache.get(seq_len)
+        if total is None:
+            total = self._cache[seq_len] = self.breakdown(seq_len).total
+        return total
+
+
+def parse_peak_flops(value: Any, key: str = "peak_flops") -> float | None:
+    """A device's peak FLOP/s from a config value.
+
+    Args:
+        value: ``None`` (measure it: returns None), a positive number (``989e12``; a numeric string such as
+            ``"989e12"`` too), or a :data:`KNOWN_PEAKS` name (``h100-sxm``; case and ``_``/``-`` are free).
+        key (str): the config key, for the error message. Default: ``"peak_flops"``
+
+    Returns:
+        float | None: FLOP/s, or None when ``value`` is None.
+
+    Raises:
+        ValueError: a bool, a non-positive or non-finite number, or a string that is neither a number nor a
+            known name (the message names ``key``, the value and the fix).
+    """
+    if value is None:
+        return None
+    fix = (
+        f"set {key} to the device's dense peak in FLOP/s (e.g. 989e12), one of {sorted(KNOWN_PEAKS)}, "
+        "or null to measure it with a matmul probe at setup"
+    )
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not a FLOP/s value; {fix}")
+    if isinstance(value, str):
+        name = value.strip().lower().replace("_", "-")
+        if name in KNOWN_PEAKS:
+            return KNOWN_PEAKS[name]
+        try:
+            peak = float(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is neither a number nor a known device; {fix}") from None
+    else:
+        try:
+            peak = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} is not a FLOP/s value; {fix}") from None
+    if not math.isfinite(peak) or peak <= 0:
+        raise ValueError(f"{key}={value!r} must be a finite FLOP/s value > 0; {fix}")
+    return peak
 
 
 def utilisation(

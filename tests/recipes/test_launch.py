@@ -6,7 +6,9 @@ import shutil
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
+from tad_torchtune.utils.flops import estimate_flops_per_token
 from tests.recipes.conftest import TINY_CONFIG, read_disk_log, run_cli, run_in_process, tiny_cfg
 from tests.recipes.test_kd_tad import RECORDED_GRAD_NORM, RECORDED_LOSS
 
@@ -60,6 +62,17 @@ def test_two_processes_match_one_and_resume(tiny_assets, tmp_path):
         for key in ("loss", "ce_loss", "kd_loss", "alpha_t_mean", "w_mean", "num_tokens"):
             assert r[key] == pytest.approx(m[key], rel=1e-5, abs=1e-6), key
         assert r["grad_norm"] == pytest.approx(m["grad_norm"], rel=1e-5)
+    # FLOP metrics are rank 0's own: its 2 sequences' FLOPs per token at their padded length (fused TAD), its
+    # tokens/s; the peak was probed on each rank and all-reduced (one log line, by rank 0).
+    assert (proc.stdout + proc.stderr).count("matmul probe on cpu") == 1
+    cfg = OmegaConf.load(TINY_CONFIG)
+    student, teacher = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "teacher_model"))
+    per_length = {estimate_flops_per_token(student, teacher, s, loss="tad", fused=True).total for s in range(2, 49)}
+    for r in two:
+        assert r["flops_per_token"] in per_length
+        achieved = r["tflops_per_second_per_gpu"] * 1e12
+        assert achieved == pytest.approx(r["tokens_per_second_per_gpu"] * r["flops_per_token"], rel=1e-9)
+        assert 0 < r["mfu"] < 1
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")

@@ -11,11 +11,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tad_torchtune.utils.flops import (
+    KNOWN_PEAKS,
+    FlopsPerToken,
     estimate_flops_per_token,
     forward_flops_per_token,
     main,
     measure_matmul_peak,
     model_dims,
+    parse_peak_flops,
     utilisation,
 )
 
@@ -69,6 +72,29 @@ def test_teacher_vocab_cut_and_errors():
         estimate_flops_per_token(TINY, None, 16, loss="tad")
     with pytest.raises(ValueError, match="unknown model name 'nope'"):
         model_dims("nope")
+
+
+def test_flops_per_token_is_the_estimate_cached_per_length():
+    teacher = {**TINY, "num_layers": 3, "vocab_size": 80}
+    fpt = FlopsPerToken(TINY, teacher, loss="tad", fused=True)
+    for s in (7, 16, 7):
+        assert fpt(s) == estimate_flops_per_token(TINY, teacher, s, loss="tad", fused=True).total
+    assert sorted(fpt._cache) == [1, 7, 16]  # length 1 is evaluated at construction to check the arguments
+    # Only the causal attention term grows with the length: S 15 -> 17 adds one key per query on average,
+    # 4·d_h·H FLOPs per layer: the student's 2 layers forward + backward (x3), the teacher's 3 forward.
+    assert fpt(17) - fpt(15) == (3 * 2 + 3) * 4 * 8 * 4
+    with pytest.raises(ValueError, match="needs a teacher"):
+        FlopsPerToken(TINY, None, loss="kl")
+
+
+def test_parse_peak_flops():
+    assert parse_peak_flops(None) is None
+    assert parse_peak_flops(989e12) == parse_peak_flops("989e12") == parse_peak_flops(int(989e12)) == 989e12
+    assert parse_peak_flops("H100_SXM") == parse_peak_flops("h100-sxm") == KNOWN_PEAKS["h100-sxm"]
+    for bad, why in [(-1, "> 0"), (0.0, "> 0"), ("inf", "> 0"), ("h1OO", "neither a number"), (True, "not a FLOP")]:
+        with pytest.raises(ValueError, match=why) as err:
+            parse_peak_flops(bad, "my_key")
+        assert f"my_key={bad!r}" in str(err.value)
 
 
 def test_utilisation_and_probe():
