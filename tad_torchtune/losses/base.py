@@ -121,7 +121,14 @@ class ChunkedDivergenceLoss(nn.Module):
         return None
 
     def _finish_prepare(self, items: list[Any], valid_chunks: list[torch.Tensor], batch_size: int) -> list[Any]:
-        """Combines the first pass's items across chunks (e.g. per-row means). Returns one item per chunk."""
+        """Combines the first pass's items across chunks of a ``[B, S]`` grid (each chunk ``[B, S_c]``
+        positions, row-major), e.g. per-row means. Returns one item per chunk."""
+        return items
+
+    def _finish_prepare_rows(
+        self, items: list[Any], row_ids: list[torch.Tensor], valid_chunks: list[torch.Tensor], num_rows: int
+    ) -> list[Any]:
+        """As :meth:`_finish_prepare` for chunks of arbitrary positions: ``row_ids[i]`` gives the row of each."""
         return items
 
     def _chunk(

@@ -191,30 +191,43 @@ class FusedLinearDistillationLoss(nn.Module):
         # Cut the teacher's extra vocabulary rows before the matmul: same logits, fewer FLOPs.
         t_weight = teacher_weight[:vocab].detach()
         t_bias = teacher_bias[:vocab].detach() if teacher_bias is not None else None
-        t_hidden = teacher_hidden.detach()
 
         inputs = [("hidden", student_hidden), ("weight", student_weight), ("bias", student_bias)]
         grad_enabled = torch.is_grad_enabled()
         wanted = {name: t is not None and grad_enabled and t.requires_grad for name, t in inputs}
         need_grad = any(wanted.values())
-        slices = _slices(batch, seq, self.chunk_size)
+        # Only valid positions are projected (an SFT batch's prompt and padding cost nothing). One host sync.
+        flat_labels = labels.reshape(-1)
+        valid_flat = flat_labels != div.ignore_index
+        counts = valid_flat.view(batch, seq).sum(1).tolist()
+        num_positions = sum(counts)
+        positions = None if num_positions == batch * seq else valid_flat.nonzero().squeeze(1)
+        row_of = torch.repeat_interleave(
+            torch.arange(batch, device=labels.device), torch.tensor(counts, device=labels.device)
+        )
         # Slices of whole rows hold every position of their sequences, so TAD's w(X) comes from the slice
         # itself: one teacher projection per slice instead of two (see the module docstring).
-        single_pass = div._needs_prepare and seq <= self.chunk_size
-        label_chunks = [labels[rows, cols] for rows, cols in slices]
-        valid_chunks = [(lab != div.ignore_index).reshape(-1) for lab in label_chunks]
+        bounds, whole_rows = _slices(counts, self.chunk_size)
+        single_pass = div._needs_prepare and whole_rows
+        picks = [slice(a, b) if positions is None else positions[a:b] for a, b in bounds]
+        row_ids = [row_of[a:b] for a, b in bounds]
+        label_chunks = [flat_labels[pick] for pick in picks]
+        valid_chunks = [lab != div.ignore_index for lab in label_chunks]
+        s_hidden_flat = student_hidden.detach().reshape(-1, student_hidden.size(2))
+        t_hidden_flat = teacher_hidden.detach().reshape(-1, teacher_hidden.size(2))
 
-        def teacher_logits(rows: slice, cols: slice) -> torch.Tensor:
-            flat = t_hidden[rows, cols].reshape(-1, t_hidden.size(2))
-            logits = _project(div, "teacher_logits", flat, t_weight, t_bias)
+        def teacher_logits(pick: slice | torch.Tensor) -> torch.Tensor:
+            logits = _project(div, "teacher_logits", t_hidden_flat[pick], t_weight, t_bias)
             return logits.mul_(inv_tau) if inv_tau != 1.0 else logits
 
         with torch.no_grad():
-            num_valid = sum(v.sum() for v in valid_chunks).to(torch.float32)
+            num_valid = torch.tensor(float(num_positions), dtype=torch.float32, device=labels.device)
             scale = 1.0 / num_valid.clamp_min(1.0) if normalize else torch.ones((), device=labels.device)
             kd_scale = scale * kd_weight
             ce_scale = scale * ce_weight
-            grad_h = torch.empty_like(student_hidden) if wanted["hidden"] else None
+            # Ignored positions get a zero gradient; [B*S, D] view for the slices' rows.
+            grad_h = torch.zeros_like(student_hidden) if wanted["hidden"] else None
+            grad_h_flat = grad_h.view(-1, grad_h.size(2)) if grad_h is not None else None
             acc_dtype = torch.float32 if self.accumulate_fp32 else student_weight.dtype
             grad_w = torch.zeros(student_weight.shape, dtype=acc_dtype, device=student_weight.device)
             grad_w = grad_w if wanted["weight"] else None
@@ -229,33 +242,30 @@ class FusedLinearDistillationLoss(nn.Module):
             # own forward; not under compile, where a growing dict of buffers would only cause recompiles.
             div._workspace = None
             if not self.compile_chunk:
-                div._open_workspace(student_hidden.device, max(lab.numel() for lab in label_chunks))
+                div._open_workspace(student_hidden.device, max((lab.numel() for lab in label_chunks), default=1))
             try:
-                # Pass 1 (TAD, slices of part of each row): teacher top-K ids and α_T of every position, then
-                # w(X) per row, before any slice's tail term can be weighted.
+                # Pass 1 (TAD, when a row is cut across slices): teacher top-K ids and α_T of every position,
+                # then w(X) per row, before any slice's tail term can be weighted.
                 div._prepared_stats = {}
                 if div._needs_prepare and not single_pass:
-                    pairs = zip(slices, valid_chunks, strict=True)
-                    items = [div._prepare_chunk(teacher_logits(rows, cols), v) for (rows, cols), v in pairs]
-                    prepared = div._finish_prepare(items, valid_chunks, batch)
-                    prepared_stats = dict(div._prepared_stats)
-                elif not div._needs_prepare:
-                    prepared = div._finish_prepare([None] * len(slices), valid_chunks, batch)
+                    items = [div._prepare_chunk(teacher_logits(p), v) for p, v in zip(picks, valid_chunks, strict=True)]
+                    prepared = div._finish_prepare_rows(items, row_ids, valid_chunks, batch)
                     prepared_stats = dict(div._prepared_stats)
                 else:
-                    prepared = [None] * len(slices)
-                for (rows, cols), lab, valid, prep in zip(slices, label_chunks, valid_chunks, prepared, strict=True):
-                    hs = student_hidden.detach()[rows, cols].reshape(-1, student_hidden.size(2))
-                    teacher = teacher_logits(rows, cols)
+                    prepared = [None] * len(picks)
+                chunks = zip(picks, row_ids, label_chunks, valid_chunks, prepared, strict=True)
+                for pick, rows, lab, valid, prep in chunks:
+                    hs = s_hidden_flat[pick]
+                    teacher = teacher_logits(pick)
                     if single_pass:
                         # The slice's rows are complete: w(X) from this slice's own teacher pass, whose log p_T
                         # and p_T the divergence pass then reuses.
                         item = div._prepare_chunk(teacher, valid, keep=True)
-                        (prep,) = div._finish_prepare([item], [valid], lab.size(0))
+                        (prep,) = div._finish_prepare_rows([item], [rows], [valid], batch)
                         for key, value in div._prepared_stats.items():
                             prepared_stats[key] = prepared_stats[key] + value if key in prepared_stats else value
                     per_token, ce, grad_logits, chunk_stats = self._step(
-                        div, hs, s_weight, s_bias, teacher, lab.reshape(-1), valid, prep,
+                        div, hs, s_weight, s_bias, teacher, lab, valid, prep,
                         need_grad, inv_tau, kd_scale, ce_scale, ce_weight != 0.0,
                     )  # fmt: skip
                     total_kd = total_kd + per_token.sum()
@@ -264,8 +274,8 @@ class FusedLinearDistillationLoss(nn.Module):
                         stats[key] = stats[key] + value if key in stats else value
                     if need_grad:
                         g = grad_logits.to(student_weight.dtype)
-                        if grad_h is not None:
-                            grad_h[rows, cols] = (g @ s_weight).view(lab.size(0), lab.size(1), -1)
+                        if grad_h_flat is not None:
+                            grad_h_flat[pick] = g @ s_weight
                         if grad_w is not None:
                             _mm_accumulate(grad_w, g.t(), hs)
                         if grad_b is not None:
@@ -343,17 +353,26 @@ def _chunk_step(
     return res.per_token, ce, grad, res.stats
 
 
-def _slices(batch: int, seq: int, chunk_size: int) -> list[tuple[slice, slice]]:
-    """``(rows, positions)`` of each slice of a ``[B, S]`` batch, about ``chunk_size`` tokens each.
+def _slices(counts: list[int], chunk_size: int) -> tuple[list[tuple[int, int]], bool]:
+    """``[start, end)`` of each slice of the valid positions (row-major, ``counts[r]`` of them in row ``r``).
 
-    Sequences no longer than ``chunk_size`` go whole, ``chunk_size // S`` rows per slice (what lets TAD
-    make one pass); longer ones are cut along the sequence, ``chunk_size // B`` positions of every row.
+    When every row fits in ``chunk_size``, whole rows are packed greedily (``True``: each slice holds complete
+    sequences, what lets TAD make one pass); otherwise the positions are cut every ``chunk_size`` (``False``).
     """
-    if seq <= chunk_size:
-        per = max(1, chunk_size // max(seq, 1))
-        return [(slice(r0, min(r0 + per, batch)), slice(0, seq)) for r0 in range(0, batch, per)]
-    per = max(1, chunk_size // max(batch, 1))
-    return [(slice(0, batch), slice(s0, min(s0 + per, seq))) for s0 in range(0, seq, per)]
+    total = sum(counts)
+    if total == 0:
+        return [], True
+    if max(counts) > chunk_size:
+        return [(a, min(a + chunk_size, total)) for a in range(0, total, chunk_size)], False
+    bounds: list[tuple[int, int]] = []
+    start = end = 0
+    for n in counts:
+        if end + n - start > chunk_size:
+            bounds.append((start, end))
+            start = end
+        end += n
+    bounds.append((start, end))
+    return bounds, True
 
 
 def _project(

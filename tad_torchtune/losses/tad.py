@@ -182,13 +182,28 @@ class TADLoss(ChunkedDivergenceLoss):
     def _finish_prepare(
         self, items: list[_TeacherPass], valid_chunks: list[torch.Tensor], batch_size: int
     ) -> list[_TeacherPass]:
+        # Chunks of a [B, S] grid: chunk positions are row-major, S_c per row.
         device = items[0].alpha.device
-        alpha_sum = torch.zeros(batch_size, dtype=torch.float32, device=device)
-        count = torch.zeros(batch_size, dtype=torch.float32, device=device)
-        for item, valid in zip(items, valid_chunks, strict=True):
-            alpha = torch.where(valid, item.alpha, 0.0)
-            alpha_sum += alpha.view(batch_size, -1).sum(1)
-            count += valid.view(batch_size, -1).sum(1)
+        rows = torch.arange(batch_size, device=device)
+        row_ids = [rows.repeat_interleave(item.alpha.numel() // batch_size) for item in items]
+        return self._finish_prepare_rows(items, row_ids, valid_chunks, batch_size)
+
+    def _finish_prepare_rows(
+        self,
+        items: list[_TeacherPass],
+        row_ids: list[torch.Tensor],
+        valid_chunks: list[torch.Tensor],
+        num_rows: int,
+    ) -> list[_TeacherPass]:
+        """w(X) of every position (paper Eq. 4) from the first pass's α_T: ``β / mean α_T`` over each row's
+        valid positions. ``row_ids[i]`` is the ``[N_i]`` row (sequence) of each position of chunk ``i``, so
+        the chunks may hold any positions of any rows (e.g. only the valid ones). Sets ``_prepared_stats``."""
+        device = items[0].alpha.device
+        alpha_sum = torch.zeros(num_rows, dtype=torch.float32, device=device)
+        count = torch.zeros(num_rows, dtype=torch.float32, device=device)
+        for item, rows, valid in zip(items, row_ids, valid_chunks, strict=True):
+            alpha_sum.index_add_(0, rows, torch.where(valid, item.alpha, 0.0))
+            count.index_add_(0, rows, valid.to(torch.float32))
         has_tokens = count > 0
         if self.normalize_beta:
             mean_alpha = alpha_sum / count.clamp_min(1.0)
@@ -196,9 +211,8 @@ class TADLoss(ChunkedDivergenceLoss):
             row_w = torch.where(mean_alpha > 0, self.beta / mean_alpha.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         else:
             row_w = torch.full_like(alpha_sum, self.beta)
-        for item in items:
-            per_row = item.alpha.numel() // batch_size
-            item.weight = row_w[:, None].expand(batch_size, per_row).reshape(-1)
+        for item, rows in zip(items, row_ids, strict=True):
+            item.weight = row_w[rows]
         self._prepared_stats = {
             "w_sum": torch.where(has_tokens, row_w, 0.0).sum(),
             "num_rows": has_tokens.sum().to(torch.float32),

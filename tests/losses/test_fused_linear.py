@@ -192,7 +192,7 @@ def test_one_pass_and_two_pass_slicing_agree():
     labels[1, 3:9] = -100
     labels[2] = -100  # a row with no valid position has no w(X)
     results = {}
-    for chunk in (16, 40, 10):  # one row per slice / two rows then one / 3-position slices of every row
+    for chunk in (16, 40, 10):  # whole rows, one per slice / both valid rows in one slice / rows cut every 10
         fused = FusedLinearTADLoss(top_k=4, chunk_size=chunk)
         loss, grads = _fused_grads(fused, hs, ws, None, ht, wt, labels, ce_weight=1.0)
         results[chunk] = (loss, grads, fused.stats())
@@ -203,6 +203,38 @@ def test_one_pass_and_two_pass_slicing_agree():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert results[chunk][2] == pytest.approx(stats, rel=1e-5, abs=1e-6)
     assert stats["w_mean"] > 0 and stats["num_tokens"] == (labels != -100).sum().item()
+
+
+class _ProjectedRows(TorchDispatchMode):
+    """Rows of every matmul against a given ``[D, V]`` (transposed output weight) operand."""
+
+    def __init__(self, d: int, vocab: int):
+        super().__init__()
+        self.shape, self.rows = (d, vocab), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            a, b = (args[0], args[1]) if func.overloadpacket is torch.ops.aten.mm else (args[1], args[2])
+            if tuple(b.shape) == self.shape:
+                self.rows.append(a.size(0))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunk_size", [6, 1000])
+def test_ignored_positions_are_never_projected(chunk_size):
+    """An SFT batch's prompt and padding (label -100) cost no projection: the teacher is projected once per
+    valid position with whole-row slices (chunk 1000) and twice with rows cut across slices (chunk 6)."""
+    hs, ws, bs, ht, wt, labels = _inputs(torch.float32)
+    labels[1, :7] = -100
+    num_valid = int((labels != -100).sum())
+    with _ProjectedRows(D_T, V) as teacher_mm:
+        loss, grads = _fused_grads(FusedLinearTADLoss(top_k=4, chunk_size=chunk_size), hs, ws, bs, ht, wt, labels)
+    assert sum(teacher_mm.rows) == num_valid * (1 if chunk_size == 1000 else 2)
+    assert max(teacher_mm.rows) <= chunk_size
+    ref, ref_grads = _ref_grads(lambda zs, zt, lab: tad_reference(zs, zt, lab, top_k=4), hs, ws, bs, ht, wt, labels)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grads[0][labels == -100], torch.zeros_like(grads[0][labels == -100]))
+    torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
