@@ -426,3 +426,18 @@ def _fold_ce_onehot(grad: torch.Tensor, valid: torch.Tensor, labels: torch.Tenso
     """The ``−ce_row·onehot(label)`` part of the CE gradient, in place (``ce_row`` is 0 on ignored rows)."""
     target = torch.where(valid, labels, 0)[:, None]
     grad.scatter_add_(-1, target, -ce_row[:, None])
+
+
+def sum_nan_as_zero(terms: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``[N, V]`` divergence terms with NaN counted as 0 (``0·(−inf − (−inf))`` where both models
+    give a logit of −inf: the term is 0). The input may be modified.
+
+    Eager: a plain sum and one host sync to check for NaN (the rare case pays a second pass). Under
+    ``torch.compile`` that data-dependent branch would break the graph, so ``nansum`` is used instead.
+    """
+    if torch.compiler.is_compiling():
+        return terms.nansum(-1)
+    total = terms.sum(-1)
+    if bool(torch.isnan(total).any()):
+        total = terms.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
+    return total

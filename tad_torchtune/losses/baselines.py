@@ -18,6 +18,7 @@ from tad_torchtune.losses.base import (
     _fold_ce_onehot,
     _fold_ce_value,
     plogq_diff,
+    sum_nan_as_zero,
 )
 
 
@@ -76,9 +77,7 @@ class ForwardKLLoss(ChunkedDivergenceLoss):
         c = teacher if self._owned(teacher) else self._buffer("c", teacher)
         pt = torch.exp(log_pt, out=c)
         kl_terms = log_pt.sub_(log_ps).mul_(pt)
-        per_token = kl_terms.sum(-1)
-        if bool(torch.isnan(per_token).any()):  # 0·(−inf − (−inf)) where both logits are −inf: the term is 0
-            per_token = kl_terms.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
+        per_token = sum_nan_as_zero(kl_terms)
         if ce is None:
             grad = log_ps.exp_().sub_(pt) if need_grad else None
             return _finish(self, per_token, grad, valid, grad_scale)

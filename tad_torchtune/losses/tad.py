@@ -25,6 +25,7 @@ from tad_torchtune.losses.base import (
     _fold_ce_onehot,
     _fold_ce_value,
     masked_sum,
+    sum_nan_as_zero,
 )
 
 _NEG_INF = float("-inf")
@@ -163,12 +164,12 @@ class TADLoss(ChunkedDivergenceLoss):
 
         With ``keep`` the chunk's ``log p_T`` and ``p_T`` stay in two scratch buffers for the :meth:`_chunk`
         call that follows on the same chunk (no second softmax); the caller must not start another chunk
-        in between.
+        in between. ``p_T`` then overwrites ``teacher`` when it is one of our scratch buffers.
         """
         topk_idx = topk_indices(teacher, self.top_k)
         if keep:
             log_pt = torch._log_softmax(teacher, -1, False, out=self._buffer("log_pt", teacher))
-            probs = torch.exp(log_pt, out=self._buffer("pt", teacher))
+            probs = torch.exp(log_pt, out=teacher if self._owned(teacher) else self._buffer("pt", teacher))
             top = probs.gather(-1, topk_idx)
             alpha = probs.scatter_(-1, topk_idx, 0.0).sum(-1)
             probs.scatter_(-1, topk_idx, top)  # restore p_T for the divergence pass
@@ -242,8 +243,7 @@ class TADLoss(ChunkedDivergenceLoss):
         # The scaled inputs' own buffers are reused when they are ours; a single-pass first pass hands
         # over log p_T and p_T already computed.
         log_ps = torch._log_softmax(student, -1, False, out=self._buffer("a", student))
-        if ce is not None:
-            stats["ce_sum"] = _fold_ce_value(log_ps, valid, ce[0])
+        ce_sum = _fold_ce_value(log_ps, valid, ce[0]) if ce is not None else None
         if prepared.log_pt is not None:
             log_pt, pt = prepared.log_pt, prepared.pt
             b = log_pt
@@ -257,9 +257,7 @@ class TADLoss(ChunkedDivergenceLoss):
         # Elementwise p_T·log(p_T/p_S); the tail is summed over its own entries (no cancellation).
         kl_terms = log_pt.sub_(log_ps).mul_(pt)
         topk_kl = kl_terms.gather(-1, idx).nan_to_num_(nan=0.0, posinf=_INF, neginf=_NEG_INF).sum(-1)
-        tail_kl = kl_terms.scatter_(-1, idx, 0.0).sum(-1)
-        if bool(torch.isnan(tail_kl).any()):  # 0·(−inf − (−inf)) where both logits are −inf: the term is 0
-            tail_kl = kl_terms.nan_to_num_(nan=0.0, posinf=_INF, neginf=_NEG_INF).sum(-1)
+        tail_kl = sum_nan_as_zero(kl_terms.scatter_(-1, idx, 0.0))
         kl = topk_kl + tail_kl
         del kl_terms
 
@@ -269,10 +267,20 @@ class TADLoss(ChunkedDivergenceLoss):
         alpha_s = ps.scatter_(-1, idx, 0.0).sum(-1)  # top-K entries of b are now 0, rewritten below
         log_alpha_s = alpha_s.log()
         tiny = (alpha_s < _ALPHA_S_LOG_SPACE_BELOW) & (alpha_t > 0)
-        rows = tiny.nonzero().squeeze(-1) if bool(tiny.any()) else None
+        # Eager: the rows concerned (one host sync), redone alone. Under torch.compile a data-dependent branch
+        # breaks the graph (and loses the chunk's statistics), so every row is done both ways and selected.
+        dense = torch.compiler.is_compiling()
+        if dense:
+            rows = slice(None)
+        else:
+            rows = tiny.nonzero().squeeze(-1) if bool(tiny.any()) else None
         if rows is not None:
-            masked = log_ps[rows].scatter_(-1, idx[rows], _NEG_INF)
-            log_alpha_s = log_alpha_s.index_put((rows,), torch.logsumexp(masked, dim=-1))
+            masked = log_ps[rows].scatter(-1, idx[rows], _NEG_INF)
+            tail_lse = torch.logsumexp(masked, dim=-1)
+            if dense:
+                log_alpha_s = torch.where(tiny, tail_lse, log_alpha_s)
+            else:
+                log_alpha_s = log_alpha_s.index_put((rows,), tail_lse)
             del masked
 
         log_ratio = alpha_t.log() - log_alpha_s  # log(α_T / α_S); −inf when α_T underflowed
@@ -318,9 +326,14 @@ class TADLoss(ChunkedDivergenceLoss):
                 fixed.mul_(r_rows)
                 if ce_row is not None:
                     fixed.addcmul_(p_rows, ce_row[rows, None])
-                grad[rows] = fixed
+                if dense:
+                    grad = torch.where(tiny[:, None], fixed, grad)
+                else:
+                    grad[rows] = fixed
             if ce_row is not None:
                 _fold_ce_onehot(grad, valid, ce[0], ce_row)
+        if ce_sum is not None:
+            stats["ce_sum"] = ce_sum
         return ChunkResult(per_token, grad, stats)
 
     def stats(self) -> dict[str, float]:
