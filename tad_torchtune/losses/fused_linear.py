@@ -1,12 +1,13 @@
 r"""Fused linear distillation: the loss takes final hidden states and output projections, never ``[B, S, V]``.
 
 The recipe hands the loss the student's and the teacher's last hidden states (after the final norm) and
-their output weights. The loss walks ``[B, S_c]`` slices of the sequence (about ``chunk_size`` tokens
-each), projects each slice to logits, evaluates the divergence on it with the *same* per-chunk code as
-the materialised path (:class:`~tad_torchtune.losses.TADLoss` and the baselines' ``_chunk``), turns the
-closed-form logit gradient (paper Eq. 6 for TAD) into gradients for the hidden states and the output
-weight, and frees the slice. Live memory is one slice of logits for each model plus ``[V, D]`` for the
-weight gradient, instead of two ``[B, S, V]`` logit tensors and their gradient.
+their output weights. The loss gathers the *valid* positions (label ``!= ignore_index``: an SFT prompt or
+padding costs nothing), walks slices of at most ``chunk_size`` of them, projects each slice to logits,
+evaluates the divergence on it with the *same* per-chunk code as the materialised path
+(:class:`~tad_torchtune.losses.TADLoss` and the baselines' ``_chunk``), turns the closed-form logit gradient
+(paper Eq. 6 for TAD) into gradients for the hidden states and the output weight, and moves on, reusing the
+slice's buffers. Live memory is one slice of logits for each model plus ``[V, D]`` for the weight gradient,
+instead of two ``[B, S, V]`` logit tensors and their gradient.
 
 Per slice, with student logits ``Z = H Wᵀ + b`` and ``G = ∂L/∂Z`` (``[N, V]``, fp32):
 
@@ -18,13 +19,22 @@ Per slice, with student logits ``Z = H Wᵀ + b`` and ``G = ∂L/∂Z`` (``[N, V
 with the weight gradient accumulated in fp32 across slices (a bf16 accumulator loses low-order bits
 over many slices: peers.md §14.4).
 
-**w(X) needs every position's teacher tail mass first** (TAD_SPEC §3.7). The loss therefore makes a
-cheap first pass over the teacher slices under ``no_grad``: project, log-sum-exp, top-K, tail
-log-sum-exp, keep ``[N]`` floats and ``[N, K]`` ids, free the logits. The second pass projects the teacher
-again. Cost of the scheme: one extra teacher output projection (``2·D_T·V`` FLOPs per token: +6.7%,
-9.27 → 9.89 GFLOP per token, for Qwen1.5-1.8B → 1.2B; see ``docs/performance.md``) plus one log-sum-exp
-and top-K over ``V``; memory ``(3 + K)·4..8`` bytes per token. Divergences without sequence statistics
-(forward KL) skip it. The unnormalised TAD form (``normalize_beta=False``) still runs it, (it yields the top-K ids).
+**w(X) needs every position's teacher tail mass first** (paper Eq. 4, TAD_SPEC §3.7). Two schedules, both
+exact (tested equal):
+
+* **Whole rows, one pass** (every row's valid positions fit in ``chunk_size``, e.g. S = 2048 with
+  ``chunk_size >= 2048``): rows are packed whole into slices, so a slice holds every position of its
+  sequences. Its teacher logits give top-K, α_T and w(X) of its rows, and the divergence reuses that pass's
+  ``log p_T`` and ``p_T``: no extra cost over forward KL's teacher work except the top-K and one sum.
+* **Rows cut across slices, two passes** (a row longer than ``chunk_size``): a first pass over all slices
+  under ``no_grad`` (project, top-K, α_T; keep ``[N]`` floats and ``[N, K]`` ids) gives w(X) per row, then
+  the second pass projects the teacher again. Cost: one extra teacher output projection, ``2·D_T·V`` FLOPs
+  per token (+6.7 %, 9.27 → 9.89 GFLOP per token for Qwen1.5-1.8B → 1.2B at S = 2048, see
+  ``docs/performance.md``), plus a softmax and top-K over ``V``.
+
+Divergences without sequence statistics (forward KL) take one pass either way. With ``temperature=1`` the
+student's cross-entropy is folded into TAD's and forward KL's own pass (their ``log p_S`` and gradient), so
+``ce_weight`` adds no pass over ``[N, V]``.
 
 This module imports only ``torch`` and our own losses.
 """
