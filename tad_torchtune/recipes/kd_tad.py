@@ -358,10 +358,10 @@ class KDTADRecipe(FTRecipeInterface):
 
         The count follows the run: the student ``model`` node, the ``teacher_model`` node when the teacher is
         loaded, the loss (``tad`` for TADLoss, ``kl`` for any other divergence, ``ce`` when ``kd_weight`` is 0)
-        and the path actually chosen (the fused path recomputes the teacher's projection for TAD). It is a
-        function of the padded length, evaluated per micro-batch from a cache. Without ``peak_flops`` the peak
-        is measured once here by a matmul probe on the recipe's device and dtype (under FSDP2 each rank probes
-        its device and all ranks take the largest value, so every rank divides by the same peak).
+        and the path actually chosen (fused TAD projects the teacher twice when the padded length exceeds the
+        slice size). It is a function of the padded length, evaluated per micro-batch from a cache. Without
+        ``peak_flops`` the peak is measured once here by a matmul probe on the recipe's device and dtype (under
+        FSDP2 each rank probes its device and all ranks take the largest value: every rank divides by one peak).
         """
         teacher = None
         if self._teacher_model is not None:
@@ -376,6 +376,7 @@ class KDTADRecipe(FTRecipeInterface):
                 teacher,
                 loss=loss,
                 fused=self._fused_loss is not None,
+                fused_chunk_size=self._fused_loss.chunk_size if self._fused_loss is not None else None,
             )
         except ValueError as err:
             # A model our FLOP count cannot describe is no reason to stop training.

@@ -13,7 +13,9 @@ MLP width ``F`` and context ``S``:
 
 Plus the output projection ``2·D·V`` per model and the loss's elementwise work over the vocabulary
 (``c·V``, ``c`` ≈ 15 for forward KL and ≈ 30 for TAD, an estimate: about 1e-3 of the total). The fused
-path (``fused=True``) recomputes the teacher's output projection in its first pass: ``+2·D_T·V``.
+TAD path (``fused=True``) projects the teacher twice when it cuts rows across slices (a first pass for w(X)):
+``+2·D_T·V``; with ``fused_chunk_size`` given, sequences no longer than it go whole into slices and take one
+pass (``tad_torchtune.losses.fused_linear``).
 
 This module imports torch and our model registry only.
 """
@@ -155,6 +157,7 @@ def estimate_flops_per_token(
     loss: str = "tad",
     fused: bool = False,
     causal: bool = True,
+    fused_chunk_size: int | None = None,
 ) -> FlopsBreakdown:
     """FLOPs per trained token of a distillation step (student forward + backward, teacher forward, loss).
 
@@ -162,8 +165,10 @@ def estimate_flops_per_token(
         student_cfg, teacher_cfg: see :func:`model_dims`; no teacher gives plain LM training (``loss="ce"``).
         seq_len (int): context length (attention cost grows with it).
         loss (str): ``"tad"``, ``"kl"`` (any full-vocabulary divergence), ``"ce"`` or ``"none"``.
-        fused (bool): the fused linear loss, whose first pass recomputes the teacher projection.
+        fused (bool): the fused linear loss, whose first pass recomputes the teacher projection (TAD only).
         causal (bool): count the causal half of the attention scores. Default: True
+        fused_chunk_size (int | None): the fused loss's slice size: ``seq_len <= fused_chunk_size`` means whole
+            rows per slice and one teacher pass (no recompute). None counts the recompute. Default: None
 
     Returns:
         FlopsBreakdown: per-token parts; ``.total`` and ``.pflops_per_million_tokens()``.
@@ -187,7 +192,8 @@ def estimate_flops_per_token(
         # The teacher's extra vocabulary rows are cut before the fused matmul; the dense path projects them.
         teacher_output = 2.0 * t.embed_dim * (s.vocab_size if fused else t.vocab_size)
         teacher_forward = t_fwd["layers"] + t_fwd["attention"] + teacher_output
-        recompute = 2.0 * t.embed_dim * s.vocab_size if fused and loss == "tad" else 0.0
+        two_pass = fused and loss == "tad" and (fused_chunk_size is None or seq_len > fused_chunk_size)
+        recompute = 2.0 * t.embed_dim * s.vocab_size if two_pass else 0.0
     elif loss in ("tad", "kl"):
         raise ValueError(f"loss={loss!r} needs a teacher config")
     return FlopsBreakdown(
@@ -208,7 +214,7 @@ class FlopsPerToken:
     with each micro-batch's padded length: a dict look-up after the first call for a length, no model walk.
 
     Args:
-        student_cfg, teacher_cfg, loss, fused, causal: as for :func:`estimate_flops_per_token`.
+        student_cfg, teacher_cfg, loss, fused, causal, fused_chunk_size: as for :func:`estimate_flops_per_token`.
 
     Raises:
         ValueError: as :func:`model_dims` and :func:`estimate_flops_per_token` (checked here, once).
@@ -227,17 +233,24 @@ class FlopsPerToken:
         loss: str = "tad",
         fused: bool = False,
         causal: bool = True,
+        fused_chunk_size: int | None = None,
     ) -> None:
         self.student = model_dims(student_cfg)
         self.teacher = model_dims(teacher_cfg) if teacher_cfg is not None else None
-        self.loss, self.fused, self.causal = loss, fused, causal
+        self.loss, self.fused, self.causal, self.fused_chunk_size = loss, fused, causal, fused_chunk_size
         self._cache: dict[int, float] = {}
         self(1)  # argument errors (loss kind, a tad/kl loss without teacher) surface here, not mid-training
 
     def breakdown(self, seq_len: int) -> FlopsBreakdown:
         """The per-part count at ``seq_len`` (not cached)."""
         return estimate_flops_per_token(
-            self.student, self.teacher, seq_len, loss=self.loss, fused=self.fused, causal=self.causal
+            self.student,
+            self.teacher,
+            seq_len,
+            loss=self.loss,
+            fused=self.fused,
+            causal=self.causal,
+            fused_chunk_size=self.fused_chunk_size,
         )
 
     def __call__(self, seq_len: int) -> float:
@@ -361,7 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="recipe YAML; its model/teacher_model nodes replace --student/--teacher")
     parser.add_argument("--seq-len", type=int, default=None, help="context length (default: config's, else 2048)")
     parser.add_argument("--loss", default="tad", choices=sorted(LOSS_FLOPS_PER_VOCAB), help="default: %(default)s")
-    parser.add_argument("--fused", action="store_true", help="count the fused loss's teacher recompute")
+    parser.add_argument("--fused", action="store_true", help="the fused loss (TAD: count its teacher recompute)")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="with --fused: the fused loss's chunk_size; sequences no longer than it take one teacher pass "
+        "(default: count two)",
+    )
     parser.add_argument("--non-causal", action="store_true", help="count full (non-causal) attention scores")
     parser.add_argument("--tokens", type=float, default=2e9, help="token budget to project (default: %(default)g)")
     parser.add_argument(
@@ -380,7 +400,15 @@ def main(argv: list[str] | None = None) -> int:
         student, teacher = args.student, (None if args.teacher == "none" else args.teacher)
     seq_len = seq_len or 2048
     loss = args.loss if teacher is not None or args.loss in ("ce", "none") else "ce"
-    f = estimate_flops_per_token(student, teacher, seq_len, loss=loss, fused=args.fused, causal=not args.non_causal)
+    f = estimate_flops_per_token(
+        student,
+        teacher,
+        seq_len,
+        loss=loss,
+        fused=args.fused,
+        causal=not args.non_causal,
+        fused_chunk_size=args.chunk_size,
+    )
     if args.peak == "probe":
         peak = measure_matmul_peak()
     elif args.peak in KNOWN_PEAKS:

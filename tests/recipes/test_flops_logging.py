@@ -41,10 +41,10 @@ def _no_probe(*args, **kwargs):
     raise AssertionError("measure_matmul_peak must not run when peak_flops is configured")
 
 
-def _estimate(cfg, seq_len: int, loss: str, fused: bool, teacher: bool = True) -> float:
+def _estimate(cfg, seq_len: int, loss: str, fused: bool, teacher: bool = True, chunk: int | None = None) -> float:
     student = OmegaConf.to_container(cfg.model, resolve=True)
     t = OmegaConf.to_container(cfg.teacher_model, resolve=True) if teacher else None
-    return estimate_flops_per_token(student, t, seq_len, loss=loss, fused=fused).total
+    return estimate_flops_per_token(student, t, seq_len, loss=loss, fused=fused, fused_chunk_size=chunk).total
 
 
 def _check_identities(m: dict[str, float], peak: float) -> None:
@@ -84,8 +84,8 @@ def test_chunked_accumulated_steps_log_flops_with_configured_peak(tiny_assets, t
 
 
 def test_probe_runs_once_without_peak_fused_default(tiny_assets, tmp_path, monkeypatch):
-    """No peak_flops: one probe on the recipe's device and dtype; the fused TAD count (teacher projection
-    recomputed); without clipping the logged norm is still the pre-clip norm."""
+    """No peak_flops: one probe on the recipe's device and dtype; the fused TAD count (whole rows in 1024-token
+    slices: one teacher pass); without clipping the logged norm is still the pre-clip norm."""
     calls = []
 
     def probe(device, dtype):
@@ -99,24 +99,29 @@ def test_probe_runs_once_without_peak_fused_default(tiny_assets, tmp_path, monke
     assert recipe._fused_loss is not None
     assert calls == [("cpu", torch.float32)]
     for (_, s), m in zip(seen, recipe.metrics_history, strict=True):
-        fused = _estimate(cfg, s, "tad", fused=True)
+        fused = _estimate(cfg, s, "tad", fused=True, chunk=1024)
         assert m["flops_per_token"] == pytest.approx(fused, rel=1e-12)
-        # The fused path recomputes the teacher projection (+2·D·V) and cuts the teacher's 5 extra rows first.
-        assert fused - _estimate(cfg, s, "tad", fused=False) == 2 * 64 * 259 - 2 * 64 * (264 - 259)
+        # One teacher pass; its 5 extra vocabulary rows are cut before the projection (D = 64).
+        assert fused - _estimate(cfg, s, "tad", fused=False) == -2 * 64 * (264 - 259)
         _check_identities(m, 2.5e12)
     assert recipe.metrics_history[0]["grad_norm"] == pytest.approx(RECORDED_GRAD_NORM[0], rel=1e-5)
 
 
+_FUSED_TAD_16 = {"_component_": "tad_torchtune.losses.fused_linear.FusedLinearTADLoss", "top_k": 10, "chunk_size": 16}
+
+
 @pytest.mark.parametrize(
-    "overrides,loss,teacher",
+    "overrides,loss,teacher,chunk",
     [
-        ({"kd_loss": {"_component_": "tad_torchtune.ForwardKLLoss", "num_output_chunks": 4}}, "kl", True),
-        ({"kd_weight": 0.0}, "ce", False),
+        ({"kd_loss": {"_component_": "tad_torchtune.ForwardKLLoss", "num_output_chunks": 4}}, "kl", True, 1024),
+        ({"kd_weight": 0.0}, "ce", False, None),
+        ({"kd_loss": _FUSED_TAD_16}, "tad", True, 16),
     ],
-    ids=["forward_kl", "ce_only"],
+    ids=["forward_kl", "ce_only", "fused_tad_16_token_slices"],
 )
-def test_loss_kind_follows_the_config(tiny_assets, tmp_path, monkeypatch, overrides, loss, teacher):
-    """Forward KL counts the KL loss; kd_weight 0 counts the student alone (the teacher is not loaded)."""
+def test_loss_kind_follows_the_config(tiny_assets, tmp_path, monkeypatch, overrides, loss, teacher, chunk):
+    """Forward KL counts the KL loss; kd_weight 0 the student alone (the teacher is not loaded); fused TAD with
+    16-token slices cuts rows longer than 16 and counts the second teacher projection for them."""
     monkeypatch.setattr(kd_tad, "measure_matmul_peak", _no_probe)
     seen = _record_batches(monkeypatch)
     cfg = tiny_cfg(tiny_assets, tmp_path / "run", max_steps_per_epoch=1, save_every_n_steps=None, peak_flops=1e12)
@@ -125,7 +130,10 @@ def test_loss_kind_follows_the_config(tiny_assets, tmp_path, monkeypatch, overri
     recipe = run_in_process(cfg)
     (_, s), m = seen[0], recipe.metrics_history[0]
     fused = recipe._fused_loss is not None
-    assert m["flops_per_token"] == pytest.approx(_estimate(cfg, s, loss, fused=fused, teacher=teacher), rel=1e-12)
+    expected = _estimate(cfg, s, loss, fused=fused, teacher=teacher, chunk=chunk)
+    assert m["flops_per_token"] == pytest.approx(expected, rel=1e-12)
+    if chunk == 16:
+        assert s > 16 and expected - _estimate(cfg, s, loss, fused=True, chunk=1024) == 2 * 64 * 259
     _check_identities(m, 1e12)
 
 

@@ -59,6 +59,12 @@ def test_paper_figure_qwen_1_8b_to_1_2b():
     assert 0 < tad.total - kl.total < 1e-3 * kl.total
     fused = estimate_flops_per_token("qwen1_5_student_1_2b", "qwen1_5_1_8b", 2048, loss="tad", fused=True)
     assert fused.total - tad.total == 2 * 2048 * 151_936  # the first pass's teacher projection
+    # Slices of >= 2048 tokens hold whole rows: one teacher pass, the same count as the materialised path.
+    for chunk, extra in ((1024, 2 * 2048 * 151_936), (2048, 0)):
+        f = estimate_flops_per_token("qwen1_5_student_1_2b", "qwen1_5_1_8b", 2048, fused=True, fused_chunk_size=chunk)
+        assert f.total - tad.total == extra
+    kl_fused = estimate_flops_per_token("qwen1_5_student_1_2b", "qwen1_5_1_8b", 2048, loss="kl", fused=True)
+    assert kl_fused.total == kl.total  # forward KL: one pass either way
 
 
 def test_teacher_vocab_cut_and_errors():
