@@ -165,3 +165,18 @@ def test_bad_values_raise_before_anything_is_built(tiny_assets, tmp_path, monkey
         KDTADRecipe(cfg)
     if key == "peak_flops":
         assert "989e12" in str(err.value) and "null to measure" in str(err.value)
+
+
+def test_finite_probe_of_logit_chunks():
+    """The guard's cheap logit check (one fp32 sum per chunk): non-finite iff some logit is; NaN and ±inf in
+    any chunk, even +inf and -inf in different chunks, are caught; large finite logits are not flagged."""
+    chunks = [torch.randn(2, 3, 7), torch.randn(2, 1, 7).bfloat16(), torch.full((2, 2, 7), 1e30)]
+    probe = kd_tad._finite_probe(chunks)
+    assert probe.dtype == torch.float32 and probe.dim() == 0 and torch.isfinite(probe)
+    for poison in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        bad = [c.clone() for c in chunks]
+        for i, value in enumerate(poison):
+            bad[i][1, 0, 3] = value
+        assert not torch.isfinite(kd_tad._finite_probe(bad)), poison
+    student = torch.randn(1, 2, 5, requires_grad=True)
+    assert not kd_tad._finite_probe([student]).requires_grad  # no graph through the check
