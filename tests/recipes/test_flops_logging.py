@@ -145,6 +145,19 @@ def test_log_flops_false_turns_it_off(tiny_assets, tmp_path, monkeypatch):
     assert "tokens_per_second_per_gpu" in recipe.metrics_history[0]
 
 
+def test_a_model_the_count_cannot_describe_trains_without_flop_metrics(tiny_assets, tmp_path, monkeypatch, caplog):
+    def unknown(*args, **kwargs):
+        raise ValueError("cannot tell the architecture of model._component_='my.decoder'")
+
+    monkeypatch.setattr(kd_tad, "FlopsPerToken", unknown)
+    monkeypatch.setattr(kd_tad, "measure_matmul_peak", _no_probe)
+    cfg = tiny_cfg(tiny_assets, tmp_path / "run", max_steps_per_epoch=1, save_every_n_steps=None)
+    with caplog.at_level("WARNING"):
+        recipe = run_in_process(cfg)
+    assert "FLOP metrics off: cannot tell the architecture" in caplog.text
+    assert not set(FLOP_KEYS) & set(recipe.metrics_history[0]) and recipe.metrics_history[0]["loss"] > 0
+
+
 @pytest.mark.parametrize(
     "key,value,match",
     [
