@@ -43,7 +43,7 @@ RECIPE_KEYS = frozenset(
     freeze optimizer lr_scheduler gradient_accumulation_steps clip_grad_norm epochs max_steps_per_epoch
     save_every_n_steps keep_last_n_checkpoints resume_from_checkpoint enable_activation_checkpointing compile
     custom_sharded_layers metric_logger log_every_n_steps log_peak_memory_stats nonfinite_policy fused_loss
-    log_flops peak_flops
+    fused_chunk_size log_flops peak_flops
     """.split()
 )
 COMPONENT_KEYS = (
@@ -214,6 +214,8 @@ class _Checker:
         fused = cfg.get("fused_loss", "auto")
         if str(fused).strip().lower() not in ("auto", "true", "false"):
             self.add("fused_loss", f"must be auto, true or false, got {fused!r}")
+        if cfg.get("fused_chunk_size") is not None:
+            self._number("fused_chunk_size", 1, strict=False, integer=True)
         if cfg.get("optimizer") is not None:
             self._number("optimizer.lr", 0, strict=True, integer=False)
         for key in ("loss", "kd_loss"):

@@ -79,7 +79,8 @@ log = utils.get_logger("INFO")
 _PER_ROW_STATS = {"w_sum": "num_rows"}
 # Divergences the fused path (hidden states + output weights, no logits) is tested for.
 _FUSABLE = (TADLoss, ForwardKLLoss)
-# Tokens per slice of the fused loss when kd_loss is a plain divergence (a FusedLinear* kd_loss brings its own).
+# Default positions per slice of the fused loss when kd_loss is a plain divergence (``fused_chunk_size``; a
+# FusedLinear* kd_loss brings its own chunk_size).
 _FUSED_CHUNK_SIZE = 1024
 
 
@@ -92,6 +93,16 @@ def _plain_output_head(out: Any) -> bool:
     if isinstance(out, TiedLinear):
         return type(out).__call__ is TiedLinear.__call__
     return False
+
+
+def _fused_chunk_size(value: Any) -> int:
+    """``fused_chunk_size``: positions per slice of the fused loss (a positive integer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"fused_chunk_size must be an integer >= 1 (positions per slice of the fused loss), got "
+            f"fused_chunk_size={value!r}; e.g. 1024, or the sequence length so TAD makes one teacher pass"
+        )
+    return value
 
 
 def _fused_mode(value: Any) -> str:
@@ -180,6 +191,7 @@ class KDTADRecipe(FTRecipeInterface):
         self._resume = cfg.get("resume_from_checkpoint", False)
         self._compile = bool(cfg.get("compile", False))
         self._fused_mode = _fused_mode(cfg.get("fused_loss", "auto"))
+        self._fused_chunk_size = _fused_chunk_size(cfg.get("fused_chunk_size", _FUSED_CHUNK_SIZE))
         self._fused_loss: FusedLinearDistillationLoss | None = None  # set by setup when the fused path is used
         self._checkpoint_root = self._output_dir / "checkpoints"
 
@@ -347,7 +359,7 @@ class KDTADRecipe(FTRecipeInterface):
             # Stats, hooks and the rest of the recipe see the divergence, as on the chunked path.
             self._kd_loss = self._kd_loss.divergence
         else:
-            self._fused_loss = FusedLinearDistillationLoss(self._kd_loss, chunk_size=_FUSED_CHUNK_SIZE)
+            self._fused_loss = FusedLinearDistillationLoss(self._kd_loss, chunk_size=self._fused_chunk_size)
         self._loss_path_message = (
             f"loss path: fused ({type(self._kd_loss).__name__} from final hidden states and output weights, "
             f"{self._fused_loss.chunk_size} tokens per slice, no [B, S, V] logits; fused_loss: {self._fused_mode})"

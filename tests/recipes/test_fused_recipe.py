@@ -7,6 +7,8 @@ The two-process FSDP2 run of the default config (fused under ``auto``) is compar
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -71,6 +73,20 @@ def test_fused_kd_loss_component_with_small_slices(tiny_assets, tmp_path):
     fused = _run(tiny_assets, tmp_path / "fused", True, kd_loss={**node, "chunk_size": 16})
     assert fused._fused_loss.chunk_size == 16
     _assert_same_training(chunked, fused)
+
+
+def test_fused_chunk_size_cuts_rows_and_trains_the_same(tiny_assets, tmp_path):
+    """``fused_chunk_size: 16`` with a plain TADLoss: rows (up to 48 positions) are cut across slices, so TAD
+    takes its two-pass schedule; training still equals the chunked-logits path. A bad value is refused."""
+    chunked = _run(tiny_assets, tmp_path / "chunked", False)
+    fused = _run(tiny_assets, tmp_path / "fused", "auto", fused_chunk_size=16)
+    assert fused._fused_loss.chunk_size == 16 and "16 tokens per slice" in fused._loss_path_message
+    _assert_same_training(chunked, fused)
+    from tad_torchtune.recipes.kd_tad import KDTADRecipe
+
+    for bad in (0, 2.5, "big", True):
+        with pytest.raises(ValueError, match=r"fused_chunk_size.*(integer|>= 1).*" + re.escape(repr(bad))):
+            KDTADRecipe(_cfg(tiny_assets, tmp_path / "bad", fused_chunk_size=bad))
 
 
 def test_fused_forward_kl_tied_student_cosine_accumulation(tiny_assets, tmp_path):
