@@ -689,19 +689,8 @@ class KDTADRecipe(FTRecipeInterface):
             kd_stats = dict(self._kd_loss.last_stats)
             weighted = weighted + self._kd_weight * kd
         del teacher_logits  # free the teacher's logits before the student's backward
-        cos = zero
-        if self._hidden_student is not None:
-            student_hidden = self._hidden_student.pop()
-            cos = sum(cosine_distance_sum(s, t, valid) for s, t in zip(student_hidden, teacher_hidden, strict=True))
-            weighted = weighted + self._cosine_weight * cos
-            del teacher_hidden
-        return {
-            "weighted": weighted,
-            "ce": ce.detach(),
-            "kd": kd.detach(),
-            "cosine": cos.detach(),
-            "kd_stats": kd_stats,
-        }
+        student_hidden = self._hidden_student.pop() if self._hidden_student is not None else None
+        return self._step_result(weighted, ce, kd, kd_stats, student_hidden, teacher_hidden, valid)
 
     def _fused_loss_step(
         self, tokens: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None, model_kwargs: dict[str, Any]
@@ -727,10 +716,25 @@ class KDTADRecipe(FTRecipeInterface):
         # The fused loss only computes CE when its weight is non-zero (then ce_loss is not logged).
         ce = kd_stats.pop("ce_sum", zero)
         kd = kd_stats["divergence_sum"]
-        cos = zero
+        student_hidden = teacher_hidden = None
         if self._hidden_student is not None:
             # The layer hooks fired during both forwards (the fused path only replaces the output head).
             teacher_hidden, student_hidden = self._hidden_teacher.pop(), self._hidden_student.pop()
+        return self._step_result(weighted, ce, kd, kd_stats, student_hidden, teacher_hidden, valid)
+
+    def _step_result(
+        self,
+        weighted: torch.Tensor,
+        ce: torch.Tensor,
+        kd: torch.Tensor,
+        kd_stats: dict[str, torch.Tensor],
+        student_hidden: list[torch.Tensor] | None,
+        teacher_hidden: list[torch.Tensor] | None,
+        valid: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Adds the cosine hidden-state term (when layers are mapped) and packs one micro-batch's results."""
+        cos = torch.zeros((), device=self._device)
+        if student_hidden is not None:
             cos = sum(cosine_distance_sum(s, t, valid) for s, t in zip(student_hidden, teacher_hidden, strict=True))
             weighted = weighted + self._cosine_weight * cos
         return {
