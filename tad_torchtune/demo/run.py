@@ -111,22 +111,18 @@ class CachedTeacher(nn.Module):
 
 
 class _EvalEveryNSteps:
-    """Stands in for the recipe's metric logger: logs as usual, then runs ``evaluate(step)`` every N steps.
+    """Recipe callback: ``evaluate(recipe, step)`` every N steps and at the last step.
 
-    The recipe computes a step's metrics (tokens/s included) before logging them, so the evaluation time
-    is not counted as training time.
+    The recipe computes a step's metrics (tokens/s included) before calling back, so the evaluation time is
+    not counted as training time.
     """
 
-    def __init__(self, inner: Any, every: int, last_step: int, evaluate: Callable[[int], None]) -> None:
-        self._inner, self._every, self._last, self._evaluate = inner, every, last_step, evaluate
+    def __init__(self, every: int, last_step: int, evaluate: Callable[[Any, int], None]) -> None:
+        self._every, self._last, self._evaluate = every, last_step, evaluate
 
-    def log_dict(self, payload: dict[str, Any], step: int) -> None:
-        self._inner.log_dict(payload, step)
+    def on_step_end(self, recipe: Any, step: int, metrics: dict[str, float]) -> None:
         if step % self._every == 0 or step == self._last:
-            self._evaluate(step)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+            self._evaluate(recipe, step)
 
 
 def recipe_config(
@@ -358,26 +354,20 @@ def _train_one(
     start: dict[str, float],
 ) -> RunResult:
     from tad_torchtune.eval.diagnostics import heldout_metrics
-    from tad_torchtune.recipes.kd_tad import KDTADRecipe
+    from tad_torchtune.recipes.kd_tad import run
 
     cpu0 = time.process_time()
     run_dir = out_dir / "runs" / name.lower()
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = recipe_config(opts, name, teacher_dir, student_dir, run_dir, student_layers)
     result = RunResult(name=name, curve=[(0, start["kl"])])
-    recipe = KDTADRecipe(cfg)
-    try:
-        recipe.setup(cfg)
 
-        def evaluate(step: int) -> None:
-            metrics = heldout_metrics(recipe._model, cached_teacher, batches)
-            result.curve.append((step, metrics["kl"]))
-            result.final = metrics
+    def evaluate(recipe: Any, step: int) -> None:
+        metrics = heldout_metrics(recipe.student, cached_teacher, batches)
+        result.curve.append((step, metrics["kl"]))
+        result.final = metrics
 
-        recipe._metric_logger = _EvalEveryNSteps(recipe._metric_logger, opts.eval_every, opts.steps, evaluate)
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    recipe = run(cfg, callbacks=[_EvalEveryNSteps(opts.eval_every, opts.steps, evaluate)])
     history = recipe.metrics_history
     tokens = sum(m["num_tokens"] for m in history)
     seconds = sum(m["num_tokens"] / m["tokens_per_second_per_gpu"] for m in history)

@@ -34,9 +34,10 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -129,20 +130,38 @@ def _launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+class RecipeCallback(Protocol):
+    """What :func:`run` and :class:`KDTADRecipe` call back during training (every method is optional).
+
+    ``on_train_start(recipe)`` runs once after ``setup`` (``recipe.global_step`` is the step resumed from, 0 on a
+    fresh run); ``on_step_end(recipe, step, metrics)`` after every optimizer step, on every rank, once the
+    step's metrics are logged and before a step checkpoint is written (a crash between the two repeats the
+    call after resume, for the same step and weights).
+    """
+
+    def on_train_start(self, recipe: KDTADRecipe) -> None: ...
+
+    def on_step_end(self, recipe: KDTADRecipe, step: int, metrics: dict[str, float]) -> None: ...
+
+
 class KDTADRecipe(FTRecipeInterface):
     """Full-parameter knowledge distillation with TAD (or any ``tad_torchtune`` divergence).
 
-    Usable in-process: ``r = KDTADRecipe(cfg); r.setup(cfg); r.train(); r.cleanup()``. After ``train``,
-    ``r.metrics_history`` holds one dict of metrics per optimizer step (all ranks agree on the values).
+    Usable in-process through :func:`run` (``run(cfg, callbacks=[...])``), or step by step:
+    ``r = KDTADRecipe(cfg); r.setup(cfg); r.train(); r.cleanup()``. After ``train``, ``r.metrics_history``
+    holds one dict of metrics per optimizer step (all ranks agree on the values); ``r.student`` is the
+    trained student module.
 
     Args:
         cfg (DictConfig): the recipe config (``docs/recipe.md``).
+        callbacks (Sequence[RecipeCallback]): called at the start of training and after every step. Default: ()
 
     Raises:
         ValueError: inconsistent loss weights, bad dtype, unsupported values (each message names the key).
     """
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, callbacks: Sequence[RecipeCallback] = ()) -> None:
+        self._callbacks = list(callbacks)
         # Every start-up check (keys, hyperparameters, checkpoints, vocabularies, data, output dir, resume) before
         # a process group, model or dataset exists; raises ConfigValidationError listing all problems.
         validate_or_raise(cfg)
@@ -204,6 +223,17 @@ class KDTADRecipe(FTRecipeInterface):
         self._metric_logger = None
         # Non-finite logits/loss/gradients: skip the step or stop (docs/reliability.md).
         self._guard = NonFiniteGuard(str(cfg.get("nonfinite_policy", "skip")), distributed=self._distributed)
+
+    @property
+    def student(self) -> nn.Module:
+        """The student being trained (FSDP2-sharded under ``torchrun``); set by :meth:`setup`."""
+        return self._model
+
+    def _call_back(self, hook: str, *args: Any) -> None:
+        for callback in self._callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self, *args)
 
     # ------------------------------------------------------------------------------------------------
     # setup
@@ -760,6 +790,7 @@ class KDTADRecipe(FTRecipeInterface):
         self._optimizer.zero_grad(set_to_none=True)
         params = [p for p in self._model.parameters() if p.requires_grad]
         pbar = tqdm(total=self._total_steps, initial=self.global_step, disable=not self._is_rank_zero)
+        self._call_back("on_train_start")
         while self.epochs_run < self.total_epochs:
             self._sampler.set_epoch(self.epochs_run)
             it = iter(self._dataloader)
@@ -810,6 +841,7 @@ class KDTADRecipe(FTRecipeInterface):
                     if self.global_step % self._log_every_n_steps == 0:
                         pbar.set_description(self._progress_line(metrics))
                         self._metric_logger.log_dict(metrics, step=self.global_step)
+                self._call_back("on_step_end", self.global_step, metrics)
                 last = self.epochs_run == self.total_epochs - 1 and self._steps_in_epoch == self._steps_per_epoch
                 if self._save_every_n_steps and self.global_step % int(self._save_every_n_steps) == 0 and not last:
                     self.save_checkpoint()
@@ -932,16 +964,30 @@ def _freeze(model: nn.Module, patterns: list[str]) -> None:
         raise ValueError(f"freeze patterns {unmatched} match no student parameter (names look like 'layers.0.attn...')")
 
 
+def run(cfg: DictConfig, callbacks: Sequence[RecipeCallback] = ()) -> KDTADRecipe:
+    """Runs the recipe in this process (set-up, training, clean-up) and returns it, trained.
+
+    Args:
+        cfg (DictConfig): the recipe config (``docs/recipe.md``).
+        callbacks (Sequence[RecipeCallback]): training-start and step-end hooks (evaluation, logging).
+
+    Returns:
+        KDTADRecipe: the finished recipe (``metrics_history``, ``student``, ``global_step``).
+    """
+    recipe = KDTADRecipe(cfg, callbacks=callbacks)
+    try:
+        recipe.setup(cfg)
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return recipe
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``python -m tad_torchtune.recipes.kd_tad --config X [key=value ...]``."""
     config.log_config(recipe_name="KDTADRecipe", cfg=cfg)
-    recipe = KDTADRecipe(cfg=cfg)
-    try:
-        recipe.setup(cfg=cfg)
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -35,16 +35,10 @@ def tiny_assets(tmp_path_factory) -> Path:
 
 
 def run_in_process(cfg):
-    """Runs the recipe in this process, as the demo does; returns the finished recipe object."""
-    from tad_torchtune.recipes.kd_tad import KDTADRecipe
+    """Runs the recipe in this process (:func:`tad_torchtune.recipes.kd_tad.run`); returns the finished recipe."""
+    from tad_torchtune.recipes.kd_tad import run
 
-    recipe = KDTADRecipe(cfg)
-    try:
-        recipe.setup(cfg)
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return recipe
+    return run(cfg)
 
 
 def read_disk_log(output_dir: Path) -> list[dict[str, float]]:
