@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "flops": ("tad_torchtune.utils.flops", "main", "FLOPs per token and utilisation projection for a config"),
     "plan": ("tad_torchtune.models.memory_plan", "main", "per-GPU memory estimate of a config (fits on 80 GB?)"),
     "init-student": ("tad_torchtune.models.student_init", "main", "initialise a Table 8 student from its teacher"),
+    "experiment": ("tad_torchtune.experiments.cli", "main", "run a seeded grid of distillation runs, report with CIs"),
 }
 
 

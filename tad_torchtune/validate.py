@@ -43,7 +43,7 @@ RECIPE_KEYS = frozenset(
     freeze optimizer lr_scheduler gradient_accumulation_steps clip_grad_norm epochs max_steps_per_epoch
     save_every_n_steps keep_last_n_checkpoints resume_from_checkpoint enable_activation_checkpointing compile
     custom_sharded_layers metric_logger log_every_n_steps log_peak_memory_stats nonfinite_policy fused_loss
-    fused_chunk_size log_flops peak_flops
+    fused_chunk_size log_flops peak_flops progress_bar
     """.split()
 )
 COMPONENT_KEYS = (

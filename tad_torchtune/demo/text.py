@@ -151,3 +151,43 @@ def heldout_batches(
     return [
         {"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()} for w in windows.split(batch_size, dim=0)
     ]
+
+
+# The second held-out domain: English docstrings of standard-library modules, present wherever Python is. They
+# differ from the Language Reference in register (API descriptions and parameter lists, not a specification).
+DOCSTRING_MODULES: tuple[str, ...] = (
+    "argparse", "collections", "csv", "datetime", "decimal", "difflib", "email.message", "fractions",
+    "functools", "heapq", "http.client", "inspect", "json", "logging", "pathlib", "pickle", "random",
+    "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "unittest.case",
+    "urllib.parse", "zipfile",
+)  # fmt: skip
+
+
+def docstring_documents(modules: tuple[str, ...] = DOCSTRING_MODULES) -> list[str]:
+    """One document per module: its docstring and those of its public classes, functions and methods.
+
+    Only objects defined in the module itself are taken (no re-exports), in name order, so the text is fixed
+    for a given Python version. Modules this Python lacks are skipped.
+    """
+    import inspect
+
+    docs = []
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        parts = [inspect.getdoc(module) or ""]
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                parts.append(inspect.getdoc(obj) or "")
+                if inspect.isclass(obj):
+                    for mname, member in sorted(vars(obj).items()):
+                        if not mname.startswith("_") and inspect.isfunction(member):
+                            parts.append(inspect.getdoc(member) or "")
+        text = "\n\n".join(p.strip() for p in parts if p and p.strip())
+        if text:
+            docs.append(text)
+    return docs

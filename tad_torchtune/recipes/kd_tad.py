@@ -181,6 +181,9 @@ class KDTADRecipe(FTRecipeInterface):
             raise ValueError(f"dtype must be fp32 or bf16, got dtype={cfg.dtype!r}")
         self._output_dir = Path(cfg.output_dir)
         self._log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
+        self._progress_bar = cfg.get("progress_bar", True)
+        if not isinstance(self._progress_bar, bool):
+            raise ValueError(f"progress_bar must be true or false, got progress_bar={self._progress_bar!r}")
         self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
         # FLOP accounting (docs/recipe.md "Metrics"): checked here, before any model exists.
         self._log_flops = cfg.get("log_flops", True)
@@ -789,7 +792,8 @@ class KDTADRecipe(FTRecipeInterface):
             training.cleanup_before_training()
         self._optimizer.zero_grad(set_to_none=True)
         params = [p for p in self._model.parameters() if p.requires_grad]
-        pbar = tqdm(total=self._total_steps, initial=self.global_step, disable=not self._is_rank_zero)
+        show = self._is_rank_zero and self._progress_bar
+        pbar = tqdm(total=self._total_steps, initial=self.global_step, disable=not show)
         self._call_back("on_train_start")
         while self.epochs_run < self.total_epochs:
             self._sampler.set_epoch(self.epochs_run)
