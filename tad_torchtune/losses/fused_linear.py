@@ -458,32 +458,44 @@ class FusedLinearForwardKLLoss(FusedLinearDistillationLoss):
 # torchtune 0.6.1 integration: final hidden states without logits, output weights, one training forward.
 
 
+def is_plain_projection(out: object) -> bool:
+    """True for an output layer whose logits are exactly ``h Wᵀ (+ b)``, the only heads a fused loss may read.
+
+    ``nn.Linear`` and torchtune's ``TiedLinear`` qualify, and so do subclasses that do not override how they
+    compute (FSDP2's ``fully_shard`` swaps in such a subclass, e.g. ``FSDPLinear``); subclasses that change
+    the logits (Gemma-2's soft-capped head, LoRA) do not. The recipe and :func:`output_projection` both ask
+    this function. ``TiedLinear`` is recognised by name in the class's ancestry (this package imports only
+    torch).
+    """
+    if isinstance(out, nn.Linear):
+        return type(out).forward is nn.Linear.forward
+    tied = next((c for c in type(out).__mro__ if c.__name__ == "TiedLinear"), None)
+    return tied is not None and hasattr(out, "tied_module") and type(out).__call__ is tied.__call__
+
+
 def output_projection(model: nn.Module, gather: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``[V, D]`` weight (and bias) of a torchtune ``TransformerDecoder``'s output layer.
 
-    Handles ``nn.Linear`` and torchtune's ``TiedLinear`` (tied embeddings: the embedding's weight). With
-    ``gather=True`` an FSDP2-sharded weight (a DTensor) is all-gathered once with ``full_tensor()``: use
-    it for the frozen teacher only (its all-gather has no gradient path back to the shards). The student's
-    weight must be read inside its root forward, where FSDP2 has already unsharded it and reduce-scatters
-    its gradient (see :func:`fused_distillation_loss`).
+    Handles ``nn.Linear`` and torchtune's ``TiedLinear`` (tied embeddings: the embedding's weight), plain or
+    wrapped by FSDP2 (:func:`is_plain_projection`). With ``gather=True`` an FSDP2-sharded weight (a DTensor)
+    is all-gathered once with ``full_tensor()``: use it for the frozen teacher only (its all-gather has no
+    gradient path back to the shards). The student's weight must be read inside its root forward, where
+    FSDP2 has already unsharded it and reduce-scatters its gradient (see :func:`fused_distillation_loss`).
 
     Raises:
-        ValueError: a model whose ``output`` is neither.
+        ValueError: a model whose ``output`` is not a plain projection.
     """
     out = getattr(model, "output", None)
-    # Exact types only: a subclass may transform the projection (Gemma-2's SoftcappedTiedLinear applies a
-    # logit soft-cap), which a fused loss reading the bare weight would silently drop. (By name for
-    # TiedLinear, which lives in torchtune: this package imports only torch.)
-    if type(out) is nn.Linear:
-        weight, bias = out.weight, out.bias
-    elif type(out).__name__ == "TiedLinear" and hasattr(out, "tied_module"):
-        weight, bias = out.tied_module.weight, None
-    else:
+    if not is_plain_projection(out):
         raise ValueError(
-            f"expected a torchtune TransformerDecoder whose .output is exactly nn.Linear or TiedLinear, got "
+            f"expected a torchtune TransformerDecoder whose .output is a plain nn.Linear or TiedLinear, got "
             f"{type(out).__name__} (a head that transforms the projection, e.g. a logit soft-cap, cannot be "
             "fused); use the chunked-logits loss, or pass the weight to the fused loss yourself"
         )
+    if isinstance(out, nn.Linear):
+        weight, bias = out.weight, out.bias
+    else:
+        weight, bias = out.tied_module.weight, None
     if gather:
         weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
         bias = bias.full_tensor() if bias is not None and hasattr(bias, "full_tensor") else bias

@@ -44,18 +44,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import ConcatDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune.data import padded_collate_packed
-from torchtune.modules import TiedLinear
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from tad_torchtune.losses.baselines import ForwardKLLoss
-from tad_torchtune.losses.fused_linear import FusedLinearDistillationLoss, fused_distillation_loss
+from tad_torchtune.losses.fused_linear import (
+    FusedLinearDistillationLoss,
+    fused_distillation_loss,
+    is_plain_projection,
+)
 from tad_torchtune.losses.tad import TADLoss
 from tad_torchtune.reliability.guards import NonFiniteGuard
 from tad_torchtune.training.checkpoint import (
@@ -83,17 +87,6 @@ _FUSABLE = (TADLoss, ForwardKLLoss)
 # Default positions per slice of the fused loss when kd_loss is a plain divergence (``fused_chunk_size``; a
 # FusedLinear* kd_loss brings its own chunk_size).
 _FUSED_CHUNK_SIZE = 1024
-
-
-def _plain_output_head(out: Any) -> bool:
-    """True for an output layer whose logits are exactly ``h Wᵀ (+ b)``: ``nn.Linear`` or ``TiedLinear`` (also
-    wrapped by FSDP2, which subclasses without overriding), not subclasses that change the logits (soft-caps, LoRA).
-    """
-    if isinstance(out, nn.Linear):
-        return type(out).forward is nn.Linear.forward
-    if isinstance(out, TiedLinear):
-        return type(out).__call__ is TiedLinear.__call__
-    return False
 
 
 def _fused_chunk_size(value: Any) -> int:
@@ -355,11 +348,19 @@ class KDTADRecipe(FTRecipeInterface):
             if not (hasattr(model, "unembed") and hasattr(model, "norm")):
                 return f"the {role} ({type(model).__name__}) is not a torchtune TransformerDecoder (.unembed, .norm)"
             out = getattr(model, "output", None)
-            if not _plain_output_head(out):
+            if not is_plain_projection(out):
                 return (
                     f"the {role}'s output is {type(out).__name__}, not a plain nn.Linear or TiedLinear (the fused "
                     "loss computes h Wᵀ + b and would not reproduce a head that changes it, e.g. Gemma-2's soft-cap)"
                 )
+        # The fused loss reads the student's head weight inside the root forward, where FSDP2 has unsharded the
+        # root's parameters; a head that is its own FSDP unit (custom_sharded_layers) is unsharded only by its
+        # own forward, which the fused path never calls, and its gradient would miss its reduce-scatter.
+        out = self._model.output
+        head = getattr(out, "tied_module", out)
+        if isinstance(head, FSDPModule):
+            name = "tok_embeddings (tied to the output)" if head is not out else "output"
+            return f"the student's {name} is sharded on its own (custom_sharded_layers), so its weight is never whole"
         return None
 
     def _setup_fused_loss(self) -> None:

@@ -198,22 +198,60 @@ def test_guard_catches_nonfinite_teacher_on_the_fused_path(tiny_assets, tmp_path
 
 
 def test_only_plain_output_heads_are_fused():
-    """Soft-capped (Gemma-2) or otherwise overridden heads change the logits: never fused, even when tied."""
+    """One answer for the recipe and the fused loss: soft-capped (Gemma-2) or otherwise overridden heads change
+    the logits and are never fused, even when tied; FSDP2's dynamic subclasses (no forward of their own) are."""
+    from types import SimpleNamespace
+
     import torch
     from torchtune.modules import TiedLinear
 
+    from tad_torchtune.losses.fused_linear import is_plain_projection, output_projection
     from tad_torchtune.models.gemma2 import SoftcappedTiedLinear
-    from tad_torchtune.recipes.kd_tad import _plain_output_head
 
     class Capped(torch.nn.Linear):
         def forward(self, x):
             return 30 * torch.tanh(super().forward(x) / 30)
 
-    class Wrapped(torch.nn.Linear):  # what FSDP2's dynamic subclass looks like: no forward of its own
+    class FSDPLinear(torch.nn.Linear):  # what fully_shard swaps in: a subclass with no forward of its own
+        pass
+
+    class FSDPTiedLinear(TiedLinear):
         pass
 
     emb = torch.nn.Embedding(11, 4)
-    assert _plain_output_head(torch.nn.Linear(4, 11)) and _plain_output_head(Wrapped(4, 11))
-    assert _plain_output_head(TiedLinear(emb))
-    assert not _plain_output_head(SoftcappedTiedLinear(emb, 30.0)) and not _plain_output_head(Capped(4, 11))
-    assert not _plain_output_head(None)
+    plain = [torch.nn.Linear(4, 11), FSDPLinear(4, 11), TiedLinear(emb), FSDPTiedLinear(emb)]
+    transformed = [SoftcappedTiedLinear(emb, 30.0), Capped(4, 11), None]
+    for head in plain:
+        assert is_plain_projection(head), type(head).__name__
+        weight, _ = output_projection(SimpleNamespace(output=head))
+        assert weight.shape == (11, 4)
+    for head in transformed:
+        assert not is_plain_projection(head), type(head).__name__
+        with pytest.raises(ValueError, match="plain nn.Linear or TiedLinear"):
+            output_projection(SimpleNamespace(output=head))
+
+
+def test_fused_path_with_sharded_output_layers_two_processes(tiny_assets, tmp_path):
+    """FSDP2 with ``custom_sharded_layers: [tok_embeddings, output]`` (docs/recipe.md's example for large
+    vocabularies) makes the student's head its own FSDP unit, whose weight the fused loss never sees whole: the
+    recipe logged "loss path: fused" and then crashed at the first step. ``auto`` now takes the chunked path
+    and says why, and trains like one process."""
+    from tests.recipes.conftest import read_disk_log, run_cli
+
+    out = tmp_path / "two"
+    cmd = ["tune", "run", "--nproc_per_node", "2", "tad_torchtune.recipes.kd_tad", "--config", "configs/tiny_cpu.yaml"]
+    extra = [
+        "batch_size=2",
+        "max_steps_per_epoch=2",
+        "save_every_n_steps=null",
+        "custom_sharded_layers=[tok_embeddings,output]",
+    ]
+    proc = run_cli(cmd + [f"assets_dir={tiny_assets}", f"output_dir={out}", *extra])
+    log = proc.stdout + proc.stderr
+    assert "loss path: fused" not in log and "student's output is sharded on its own" in log
+    two = read_disk_log(out)
+    one = run_in_process(tiny_cfg(tiny_assets, tmp_path / "one", max_steps_per_epoch=2, save_every_n_steps=None))
+    assert len(two) == 2
+    for r, m in zip(two, one.metrics_history, strict=True):
+        for key in ("loss", "kd_loss", "grad_norm"):
+            assert r[key] == pytest.approx(m[key], rel=1e-5, abs=1e-6), key
