@@ -10,12 +10,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from torchtune.models.llama3 import llama3  # noqa: E402
+from torchtune.models.llama3_1 import llama3_1  # noqa: E402
+from torchtune.models.llama3_2 import llama3_2  # noqa: E402
 from torchtune.models.phi3 import phi3  # noqa: E402
 from torchtune.models.qwen2 import qwen2  # noqa: E402
 
 from tad_torchtune.models.export import export_hf, load_weights, main  # noqa: E402
 from tad_torchtune.models.gemma2 import gemma2  # noqa: E402
 from tad_torchtune.models.phi2 import phi2  # noqa: E402
+from tad_torchtune.models.qwen3 import qwen3  # noqa: E402
 
 V, S = 80, 12
 
@@ -29,11 +32,28 @@ STUDENTS = {
                           intermediate_dim=48, max_seq_len=64)),
     "phi2": ("phi2", dict(vocab_size=V, num_layers=2, num_heads=4, embed_dim=40, intermediate_dim=64,
                           max_seq_len=64, partial_rotary_factor=0.4)),
+    "qwen3_tied": ("qwen3", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, head_dim=12,
+                                 intermediate_dim=48, max_seq_len=64, tie_word_embeddings=True)),
+    "qwen3_untied": ("qwen3", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                                   intermediate_dim=48, max_seq_len=64, tie_word_embeddings=False)),
+    "llama3_1": ("llama3_1", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                                  intermediate_dim=48, max_seq_len=64, rope_base=500_000, scale_factor=8)),
+    "llama3_2": ("llama3_2", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                                  intermediate_dim=48, max_seq_len=64, rope_base=500_000, scale_factor=32)),
     "gemma2": ("gemma2", dict(vocab_size=V, num_layers=3, num_heads=4, head_dim=16, num_kv_heads=2, embed_dim=32,
                               intermediate_dim=48, max_seq_len=64, sliding_window=4, query_pre_attn_scalar=12,
                               attn_logit_softcapping=4.0, final_logit_softcapping=2.0)),
 }  # fmt: skip
-BUILDERS = {"qwen2": qwen2, "llama3": llama3, "phi3": phi3, "phi2": phi2, "gemma2": gemma2}
+BUILDERS = {
+    "qwen2": qwen2,
+    "llama3": llama3,
+    "phi3": phi3,
+    "phi2": phi2,
+    "gemma2": gemma2,
+    "qwen3": qwen3,
+    "llama3_1": llama3_1,
+    "llama3_2": llama3_2,
+}
 
 
 def _random(model):

@@ -44,10 +44,12 @@ def test_phi3_rows_over_llama2_tokens(shared_assets):
 
 
 def test_qwen_family_shares_one_vocab(shared_assets):
-    """Qwen1.5 / Qwen2.5 teachers and students: 151936 rows over the 151643 BPE tokens (+ specials)."""
+    """Qwen1.5 / Qwen2.5 / Qwen3 teachers and students: 151936 rows over the 151643 BPE tokens (+ specials);
+    Qwen2.5-7B alone has 152064 rows (128 padding rows more), which the loss cuts as teacher-only ids."""
     vocab = json.loads((shared_assets / "tokenizers/qwen2/vocab.json").read_text())
     assert len(vocab) == 151_643
-    rows = {name: kw["vocab_size"] for name, (fam, kw) in NAMED.items() if fam == "qwen2"}
+    rows = {name: kw["vocab_size"] for name, (fam, kw) in NAMED.items() if fam in ("qwen2", "qwen3")}
+    assert rows.pop("qwen2_5_7b") == 152_064
     assert set(rows.values()) == {151_936}, rows
 
 
