@@ -231,7 +231,7 @@ _COMPONENT_PATHS = {
     "tad_torchtune.models.phi2.phi2": "phi2",
     "tad_torchtune.models.gemma2": "gemma2",
     "tad_torchtune.models.gemma2.gemma2": "gemma2",
-    "tad_torchtune.models.qwen3.qwen3": "qwen3",
+    "tad_torchtune.models.qwen3": "qwen3",  # the package attribute (the submodule name is shadowed by it)
     "torchtune.models.llama3_1.llama3_1": "llama3_1",
     "torchtune.models.llama3_1._component_builders.llama3_1": "llama3_1",
     "torchtune.models.llama3_2.llama3_2": "llama3_2",
