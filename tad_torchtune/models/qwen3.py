@@ -15,18 +15,23 @@ Tied embeddings as the HF config says (0.6B, 1.7B, 4B tie; 8B, 14B do not). RoPE
 ``Qwen2RotaryPositionalEmbeddings`` (rotate-half, as HF), so HF <-> torchtune weights are a pure renaming
 (:func:`qwen3_hf_to_tune` / :func:`qwen3_tune_to_hf`); no q/k permutation.
 
-Dims (HF ``config.json``; all: ``head_dim=128``, ``rope_theta=1e6``, ``rms_norm_eps=1e-6``, V=151,936,
-``max_position_embeddings=40960``):
+Dims (HF ``config.json``; all: ``head_dim=128``, ``rope_theta=1e6``, ``rms_norm_eps=1e-6``, V=151,936;
+``max_position_embeddings`` 40,960 in the post-trained repos, 32,768 in the ``-Base`` ones; the builders'
+``max_seq_len`` default is 40,960, only the RoPE cache length):
 
-=========  ======  ====  =========  =====  ======  ========  ==========
-model      layers  D     q/kv heads  FFN    tied    params    builder
-=========  ======  ====  =========  =====  ======  ========  ==========
-Qwen3-0.6B  28     1024   16 / 8     3072   yes     0.596B    ``qwen3_0_6b``
-Qwen3-1.7B  28     2048   16 / 8     6144   yes     1.721B    ``qwen3_1_7b``
-Qwen3-4B    36     2560   32 / 8     9728   yes     4.022B    ``qwen3_4b``
-Qwen3-8B    36     4096   32 / 8    12288   no      8.191B    ``qwen3_8b``
-Qwen3-14B   40     5120   40 / 8    17408   no     14.768B    ``qwen3_14b``
-=========  ======  ====  =========  =====  ======  ========  ==========
+==========  ======  ====  ============  =====  ======  =======  ==============
+model       layers  D     q/kv heads    FFN    tied    params   builder
+==========  ======  ====  ============  =====  ======  =======  ==============
+Qwen3-0.6B  28      1024  16 / 8        3072   yes     0.596B   ``qwen3_0_6b``
+Qwen3-1.7B  28      2048  16 / 8        6144   yes     1.721B   ``qwen3_1_7b``
+Qwen3-4B    36      2560  32 / 8        9728   yes     4.022B   ``qwen3_4b``
+Qwen3-8B    36      4096  32 / 8        12288  no      8.191B   ``qwen3_8b``
+Qwen3-14B   40      5120  40 / 8        17408  no      14.768B  ``qwen3_14b``
+==========  ======  ====  ============  =====  ======  =======  ==============
+
+From YAML: ``model._component_: tad_torchtune.models.qwen3_1_7b`` (named, with ``max_seq_len``), or
+``tad_torchtune.models.qwen3`` with every dimension; checkpoints with ``HFCheckpointer`` and
+``model_type: QWEN3``.
 """
 
 from __future__ import annotations
@@ -190,7 +195,7 @@ def qwen3(
 
 
 def _named(name: str, max_seq_len: int) -> TransformerDecoder:
-    from tad_torchtune.models.registry import build
+    from tad_torchtune.models.registry import build  # registry imports this module lazily: no cycle
 
     return build(name, max_seq_len=max_seq_len)
 
