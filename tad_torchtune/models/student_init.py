@@ -18,7 +18,9 @@ copies into it, DistilBERT-style:
     value and output slices stay matched).
   - Head selection: with KV groups of ``g_T = H_T / KV_T`` query heads, student KV head ``j`` is
     teacher KV head ``j`` and student query head ``j*g_S + r`` is teacher query head ``j*g_T + r``,
-    so every kept query head still reads the KV head it was trained with.
+    so every kept query head still reads the KV head it was trained with. A student with more query
+    heads per KV head than the teacher (``g_S = p * g_T``) takes the first ``H_S`` query heads and
+    mean-pools each group's ``p`` teacher KV heads into one (the GQA paper's conversion).
   - Rotary pairs are kept together (``dsel_qk``): for interleaved RoPE (torchtune's
     ``RotaryPositionalEmbeddings``: pairs ``(2i, 2i+1)``, Llama/Gemma in tune format) the first
     ``d_S`` dims; for rotate-half RoPE (Qwen2, Phi-3, Phi-2: pairs ``(i, i + d/2)``) dims
@@ -136,15 +138,27 @@ def _head_dims(d_t: int, d_s: int, layout: str) -> torch.Tensor:
 
 
 def _head_select(h_t: int, kv_t: int, h_s: int, kv_s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher query-head and KV-head indices for the student's heads (GQA groups preserved)."""
+    """Teacher query heads ``[h_s]`` and, for each student KV head, the teacher KV heads it is made of
+    ``[kv_s, m]`` (``m = 1`` unless pooled), so every kept query head reads (a pool of) the KV head(s) it was
+    trained with.
+
+    * ``g_S <= g_T`` (query heads per KV head; e.g. Qwen3-8B 32/8 -> Qwen3-1.7B 16/8): student KV head ``j`` is
+      teacher KV head ``j``, its query heads ``j*g_S + r`` are teacher query heads ``j*g_T + r``.
+    * ``g_S > g_T`` with ``g_S % g_T == 0`` (e.g. an MHA teacher to a GQA student): student KV head ``j`` is the
+      mean of the ``g_S / g_T`` teacher KV heads whose query heads it takes (``j*g_S .. (j+1)*g_S - 1``), as
+      in the GQA paper's mean-pooled conversion.
+    * otherwise the first ``h_s`` / ``kv_s`` heads (no grouping can be kept).
+    """
     if kv_s > kv_t or h_s > h_t:
         raise ValueError(f"student heads ({h_s} q / {kv_s} kv) exceed the teacher's ({h_t} q / {kv_t} kv)")
     g_t, g_s = h_t // kv_t, h_s // kv_s
-    if g_s > g_t:
-        # More query heads per KV head than the teacher has: fall back to the first h_s heads.
-        return torch.arange(h_s), torch.arange(kv_s)
-    q = torch.tensor([j * g_t + r for j in range(kv_s) for r in range(g_s)])
-    return q, torch.arange(kv_s)
+    if g_s <= g_t:
+        q = torch.tensor([j * g_t + r for j in range(kv_s) for r in range(g_s)])
+        return q, torch.arange(kv_s).unsqueeze(1)
+    if g_s % g_t == 0:
+        pool = g_s // g_t
+        return torch.arange(h_s), torch.arange(kv_s * pool).view(kv_s, pool)
+    return torch.arange(h_s), torch.arange(kv_s).unsqueeze(1)
 
 
 def _attn_geometry(model: nn.Module) -> tuple[int, int, int, int, str]:
@@ -165,7 +179,7 @@ def _attn_slice(name: str, t: torch.Tensor, geo_t, geo_s) -> torch.Tensor:
     """Per-head truncation of one attention tensor (see the module docstring for the slices)."""
     h_t, kv_t, d_t, _, layout = geo_t
     h_s, kv_s, d_s, e_s, _ = geo_s
-    qsel, kvsel = _head_select(h_t, kv_t, h_s, kv_s)
+    qsel, kv_groups = _head_select(h_t, kv_t, h_s, kv_s)
     dsel_qk = _head_dims(d_t, d_s, layout)
     dsel_v = torch.arange(d_s)
     proj, _, kind = name.rpartition(".")
@@ -173,9 +187,12 @@ def _attn_slice(name: str, t: torch.Tensor, geo_t, geo_s) -> torch.Tensor:
     if proj in ("q_norm", "k_norm"):  # one [d] scale over each head's dims: keep the q/k dims kept
         return t[dsel_qk]
     if proj in ("q_proj", "k_proj", "v_proj"):
-        heads, n = (qsel, h_t) if proj == "q_proj" else (kvsel, kv_t)
         dsel = dsel_v if proj == "v_proj" else dsel_qk
-        x = t.reshape(n, d_t, *t.shape[1:])[heads][:, dsel]  # [h_s, d_s, (D_T)]
+        if proj == "q_proj":
+            x = t.reshape(h_t, d_t, *t.shape[1:])[qsel]  # [h_s, d_t, (D_T)]
+        else:  # each student KV head: the mean of its pool of teacher KV heads (a pool of one: a copy)
+            x = t.reshape(kv_t, d_t, *t.shape[1:])[kv_groups].mean(dim=1)  # [kv_s, d_t, (D_T)]
+        x = x[:, dsel]  # [heads, d_s, (D_T)]
         if kind == "weight":
             x = x[..., :e_s]
         return x.reshape(-1, *x.shape[2:])

@@ -286,3 +286,24 @@ def test_derived_student_starts_far_closer_to_the_teacher(tie, copy_mlp, ratio):
     init_student_from_teacher(student, teacher.state_dict(), layers, teacher_num_heads=4, copy_mlp=copy_mlp)
     derived_kl = kl(student)
     assert derived_kl < ratio * random_kl, (derived_kl, random_kl)
+
+
+def test_more_query_heads_per_kv_head_mean_pools_the_group():
+    """MHA teacher (4 q / 4 kv) -> GQA student (4 q / 2 kv): student KV head j is the mean of teacher KV heads
+    2j, 2j+1 (whose query heads it serves); when those are equal the student is the teacher exactly."""
+    teacher = _randomise(_qwen3(32, 4, 4, 8, 1, 48, tie=False))
+    sd = teacher.state_dict()
+    student = _qwen3(32, 4, 2, 8, 1, 48, tie=False)
+    init_student_from_teacher(student, sd, [0], copy_mlp=True)
+    for proj in ("k_proj", "v_proj"):
+        w = sd[f"layers.0.attn.{proj}.weight"].view(4, 8, 32)
+        ref = torch.stack([(w[0] + w[1]) / 2, (w[2] + w[3]) / 2]).reshape(16, 32)
+        torch.testing.assert_close(student.state_dict()[f"layers.0.attn.{proj}.weight"], ref)
+    with torch.no_grad():  # make each pair of teacher KV heads equal: pooling then loses nothing
+        for proj in ("k_proj", "v_proj"):
+            w = getattr(teacher.layers[0].attn, proj).weight.view(4, 8, 32)
+            w[1], w[3] = w[0].clone(), w[2].clone()
+    init_student_from_teacher(student, teacher.state_dict(), [0], copy_mlp=True)
+    x = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(x), teacher.eval()(x), rtol=0, atol=1e-5)
