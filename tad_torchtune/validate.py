@@ -358,6 +358,10 @@ class _Checker:
 
         if self.cfg.get("tokenizer") is None or any(p.key.startswith("tokenizer") for p in self.problems):
             return
+        # tokenizer files that are not there yet (model not downloaded): one clear line each, for both sides
+        missing = {key: self._missing_tokenizer_files(key) for key in ("tokenizer", "teacher_tokenizer")}
+        if missing["tokenizer"]:
+            return
         try:
             self.tokenizer = config.instantiate(self.cfg.tokenizer)
         except Exception as err:
@@ -371,7 +375,7 @@ class _Checker:
                 f"the tokenizer has {v_tok} ids but the student embeds only {v_s} (model.vocab_size); "
                 "ids >= that would index out of range",
             )
-        if self.cfg.get("teacher_tokenizer") is None:
+        if self.cfg.get("teacher_tokenizer") is None or missing["teacher_tokenizer"]:
             return
         try:
             teacher_tok = config.instantiate(self.cfg.teacher_tokenizer)
@@ -391,6 +395,25 @@ class _Checker:
         if ok is False or (ok is None and getattr(report, "num_mismatched", 0)):
             summary = report.summary() if hasattr(report, "summary") else str(report)
             self.add("teacher_tokenizer", f"vocabulary mismatch between teacher and student: {summary.splitlines()[0]}")
+
+    def _missing_tokenizer_files(self, key: str) -> bool:
+        """Report each file argument of tokenizer node ``key`` that does not exist; True if any is missing."""
+        node = self.cfg.get(key)
+        if node is None:
+            return False
+        found = False
+        for arg in ("path", "merges_file", "special_tokens_path", "tokenizer_json_path", "tokenizer_config_json_path"):
+            value = node.get(arg)
+            if isinstance(value, str) and not Path(value).exists():
+                side = "student" if key == "tokenizer" else "teacher"
+                self.add(
+                    f"{key}.{arg}",
+                    f"{value} does not exist: download the {side} model first (`tune download <repo> --output-dir "
+                    f"<dir>`, the command is in the config's header) or point {key}.{arg} at its tokenizer file; "
+                    "until then the teacher/student vocabulary check cannot run",
+                )
+                found = True
+        return found
 
     # --- data ---------------------------------------------------------------------------------------
     def data(self) -> None:

@@ -16,7 +16,17 @@ Phi-3-mini-4k      ``tad_torchtune.models.phi3_mini``          ``PHI3_MINI``    
 Phi-3-medium-4k    ``tad_torchtune.models.phi3_medium``        ``PHI3_MINI``        13.960B
 TinyLlama-1.1B     ``tad_torchtune.models.tinyllama_1_1b``     ``LLAMA2``           1.100B
 Llama-2-7B         ``tad_torchtune.models.llama2_7b``          ``LLAMA2``           6.738B
+Llama-3.1-8B       ``tad_torchtune.models.llama3_1_8b``        ``LLAMA3``           8.030B
+Llama-3.2-1B       ``tad_torchtune.models.llama3_2_1b``        ``LLAMA3_2``         1.236B
+Qwen2.5-7B         ``tad_torchtune.models.qwen2_5_7b``         ``QWEN2``            7.616B
+Qwen2.5-1.5B       ``tad_torchtune.models.qwen2_5_1_5b``       ``QWEN2``            1.544B
+Qwen2.5-0.5B       ``tad_torchtune.models.qwen2_5_0_5b``       ``QWEN2``            0.494B
 =================  ==========================================  ===================  ==========
+
+Qwen3 (0.6B to 14B) is in :mod:`tad_torchtune.models.qwen3` (``model_type: QWEN3``, ours). The Llama-3.x and
+Qwen2.5 builders reproduce torchtune's ``llama3_1_8b``, ``llama3_2_1b``, ``qwen2_5_7b_base``,
+``qwen2_5_1_5b_base`` and ``qwen2_5_0_5b`` and add ``max_seq_len`` (their RoPE caches otherwise cover
+128k positions).
 
 Checkpoints load with :class:`tad_torchtune.models.HFCheckpointer` (torchtune's HF checkpointer plus
 ``PHI2`` and a corrected ``GEMMA2``). Phi-3-medium: only the 4k-context variant (the 128k one needs
@@ -37,6 +47,11 @@ __all__ = [
     "phi3_medium",
     "tinyllama_1_1b",
     "llama2_7b",
+    "llama3_1_8b",
+    "llama3_2_1b",
+    "qwen2_5_7b",
+    "qwen2_5_1_5b",
+    "qwen2_5_0_5b",
 ]
 
 
@@ -73,3 +88,28 @@ def tinyllama_1_1b(max_seq_len: int = 2048) -> TransformerDecoder:
 def llama2_7b(max_seq_len: int = 4096) -> TransformerDecoder:
     """Llama-2-7B (``meta-llama/Llama-2-7b-hf``): 32 layers, D=4096, 32 heads, FFN 11008, V=32000."""
     return build("llama2_7b", max_seq_len=max_seq_len)
+
+
+def llama3_1_8b(max_seq_len: int = 131072) -> TransformerDecoder:
+    """Llama-3.1-8B (``meta-llama/Llama-3.1-8B``): 32 layers, D=4096, 32/8 heads, FFN 14336, untied, V=128256."""
+    return build("llama3_1_8b", max_seq_len=max_seq_len)
+
+
+def llama3_2_1b(max_seq_len: int = 131072) -> TransformerDecoder:
+    """Llama-3.2-1B (``meta-llama/Llama-3.2-1B``): 16 layers, D=2048, 32/8 heads of 64, FFN 8192, tied, V=128256."""
+    return build("llama3_2_1b", max_seq_len=max_seq_len)
+
+
+def qwen2_5_7b(max_seq_len: int = 131072) -> TransformerDecoder:
+    """Qwen2.5-7B (``Qwen/Qwen2.5-7B``): 28 layers, D=3584, 28/4 heads, FFN 18944, untied, V=152064."""
+    return build("qwen2_5_7b", max_seq_len=max_seq_len)
+
+
+def qwen2_5_1_5b(max_seq_len: int = 131072) -> TransformerDecoder:
+    """Qwen2.5-1.5B (``Qwen/Qwen2.5-1.5B``): 28 layers, D=1536, 12/2 heads, FFN 8960, tied, V=151936."""
+    return build("qwen2_5_1_5b", max_seq_len=max_seq_len)
+
+
+def qwen2_5_0_5b(max_seq_len: int = 32768) -> TransformerDecoder:
+    """Qwen2.5-0.5B (``Qwen/Qwen2.5-0.5B``): 24 layers, D=896, 14/2 heads, FFN 4864, tied, V=151936."""
+    return build("qwen2_5_0_5b", max_seq_len=max_seq_len)

@@ -1,10 +1,12 @@
-"""``HFCheckpointer``: torchtune's ``FullModelHFCheckpointer`` plus Phi-2 and a corrected Gemma-2.
+"""``HFCheckpointer``: torchtune's ``FullModelHFCheckpointer`` plus Phi-2, Qwen3 and a corrected Gemma-2.
 
 Use it exactly like the torchtune class (same arguments, same ``load_checkpoint`` / ``save_checkpoint``,
 same output layout: sharded safetensors + index + copied ``config.json`` / tokenizer files), with
 ``model_type`` one of torchtune's ``ModelType`` names or:
 
 * ``PHI2`` -- HF ``PhiForCausalLM`` <-> :func:`tad_torchtune.models.phi2.phi2` (new architecture);
+* ``QWEN3`` -- HF ``Qwen3ForCausalLM`` <-> :func:`tad_torchtune.models.qwen3.qwen3` (new architecture; the
+  tied models' ``lm_head`` is neither read nor written, as for ``QWEN2``);
 * ``GEMMA2`` -- HF ``Gemma2ForCausalLM`` <-> :func:`tad_torchtune.models.gemma2.gemma2`, with the
   pre/post feed-forward norms mapped the right way round (torchtune 0.6.1 swaps them, #2850).
 
@@ -36,16 +38,17 @@ __all__ = ["HFCheckpointer", "CUSTOM_MODEL_TYPES"]
 CUSTOM_MODEL_TYPES = {
     "PHI2": ("PHI3_MINI", "torchtune.models.phi3._convert_weights", ("phi3_hf_to_tune", "phi3_tune_to_hf")),
     "GEMMA2": ("GEMMA2", "torchtune.models.gemma2._convert_weights", ("gemma2_hf_to_tune", "gemma2_tune_to_hf")),
+    "QWEN3": ("QWEN2", "torchtune.models.qwen2._convert_weights", ("qwen2_hf_to_tune", "qwen2_tune_to_hf")),
 }
 
 
 class HFCheckpointer(FullModelHFCheckpointer):
-    """``FullModelHFCheckpointer`` that also handles ``model_type: PHI2`` and fixes ``GEMMA2``.
+    """``FullModelHFCheckpointer`` that also handles ``model_type: PHI2`` / ``QWEN3`` and fixes ``GEMMA2``.
 
     Args:
         checkpoint_dir (str): HF model directory (with ``config.json``).
         checkpoint_files (list[str] | dict[str, str]): safetensors files, as for torchtune.
-        model_type (str): a torchtune ``ModelType`` name, ``PHI2`` or ``GEMMA2``.
+        model_type (str): a torchtune ``ModelType`` name, ``PHI2``, ``QWEN3`` or ``GEMMA2``.
         output_dir (str): where ``epoch_N/`` directories are written.
         **kwargs: passed to ``FullModelHFCheckpointer`` (``recipe_checkpoint``, ``resume_from_checkpoint``,
             ``safe_serialization``, ``should_load_recipe_state``, ...).
@@ -76,6 +79,10 @@ class HFCheckpointer(FullModelHFCheckpointer):
             from tad_torchtune.models.phi2 import phi2_hf_to_tune, phi2_tune_to_hf
 
             to_tune, to_hf = phi2_hf_to_tune, phi2_tune_to_hf
+        elif self._tad_model_type == "QWEN3":
+            from tad_torchtune.models.qwen3 import qwen3_hf_to_tune, qwen3_tune_to_hf
+
+            to_tune, to_hf = qwen3_hf_to_tune, qwen3_tune_to_hf  # tie_word_embeddings comes as a keyword
         else:
             from tad_torchtune.models.gemma2 import gemma2_hf_to_tune, gemma2_tune_to_hf
 

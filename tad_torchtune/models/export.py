@@ -3,8 +3,9 @@ directory that ``AutoModelForCausalLM.from_pretrained`` and ``lm_eval --model hf
 
 The directory gets:
 
-* ``config.json`` written by transformers' own config class of the family (``Qwen2Config``, ``LlamaConfig``,
-  ``Phi3Config``, ``PhiConfig``, ``Gemma2Config``) from the model's real dims -- never copied from the teacher,
+* ``config.json`` written by transformers' own config class of the family (``Qwen2Config``, ``Qwen3Config``,
+  ``LlamaConfig`` (with the Llama-3.1/3.2 ``rope_scaling``), ``Phi3Config``, ``PhiConfig``,
+  ``Gemma2Config``) from the model's real dims -- never copied from the teacher,
   whose ``num_hidden_layers`` etc. would be wrong for a student (lm-eval would then silently evaluate a
   half-random model);
 * the weights in HF naming (safetensors, sharded above ``max_shard_size`` with an index);
@@ -109,13 +110,34 @@ def hf_config(
             use_sliding_window=False,
         )
         arch = "Qwen2ForCausalLM"
-    elif family in ("llama2", "llama3"):
+    elif family == "qwen3":
+        cfg = T.Qwen3Config(
+            **common,
+            num_key_value_heads=kv,
+            head_dim=args["head_dim"],
+            rms_norm_eps=args["norm_eps"],
+            rope_theta=float(args["rope_base"]),
+            attention_bias=False,
+            use_sliding_window=False,
+        )
+        arch = "Qwen3ForCausalLM"
+    elif family in ("llama2", "llama3", "llama3_1", "llama3_2"):
+        rope = {}
+        if family in ("llama3_1", "llama3_2"):  # torchtune's Llama3ScaledRoPE (low 1, high 4, old context 8192)
+            rope["rope_scaling"] = {
+                "rope_type": "llama3",
+                "factor": float(args["scale_factor"]),
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
         cfg = T.LlamaConfig(
             **common,
             num_key_value_heads=kv,
             rms_norm_eps=args["norm_eps"],
             rope_theta=float(args["rope_base"]),
             head_dim=args["head_dim"],
+            **rope,
         )
         arch = "LlamaForCausalLM"
     elif family == "phi3":
@@ -169,7 +191,11 @@ def to_hf_state_dict(family: str, args: dict[str, Any], sd: dict[str, torch.Tens
         from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
         return qwen2_tune_to_hf(sd, h, kv, d, hd, tie_word_embeddings=args["tie_word_embeddings"])
-    if family in ("llama2", "llama3"):
+    if family == "qwen3":
+        from tad_torchtune.models.qwen3 import qwen3_tune_to_hf
+
+        return qwen3_tune_to_hf(sd)
+    if family in ("llama2", "llama3", "llama3_1", "llama3_2"):
         from torchtune.models.convert_weights import tune_to_hf
 
         out = tune_to_hf(sd, h, kv, d, hd)
@@ -198,7 +224,11 @@ def from_hf_state_dict(family: str, hf_cfg: dict[str, Any], sd: dict[str, torch.
         from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
 
         return qwen2_hf_to_tune(sd, h, kv, d, hd, tie_word_embeddings=hf_cfg.get("tie_word_embeddings", False))
-    if family in ("llama2", "llama3"):
+    if family == "qwen3":
+        from tad_torchtune.models.qwen3 import qwen3_hf_to_tune
+
+        return qwen3_hf_to_tune(sd, tie_word_embeddings=hf_cfg.get("tie_word_embeddings", False))
+    if family in ("llama2", "llama3", "llama3_1", "llama3_2"):
         from torchtune.models.convert_weights import hf_to_tune
 
         return hf_to_tune(sd, h, kv, d, hd)
@@ -252,7 +282,8 @@ def export_hf(
 
     Args:
         model_or_state_dict (nn.Module | dict[str, torch.Tensor]): the model, or its state dict in torchtune naming.
-        family (str): ``qwen2``, ``llama2``, ``llama3``, ``phi3``, ``phi2`` or ``gemma2``
+        family (str): ``qwen2``, ``qwen3``, ``llama2``, ``llama3``, ``llama3_1``, ``llama3_2``, ``phi3``, ``phi2``
+            or ``gemma2``
             (see :mod:`tad_torchtune.models.registry`; :func:`tad_torchtune.models.registry.resolve` gives it
             from a YAML model node).
         model_args (dict[str, Any]): the family component builder's kwargs; at least ``num_heads`` and

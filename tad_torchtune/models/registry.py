@@ -12,7 +12,13 @@ family      component builder                              HF class             
 ``phi3``    ``torchtune.models.phi3.phi3``                 ``Phi3ForCausalLM``           ``PHI3_MINI``
 ``phi2``    :func:`tad_torchtune.models.phi2.phi2`         ``PhiForCausalLM``            ``PHI2`` (ours)
 ``gemma2``  :func:`tad_torchtune.models.gemma2.gemma2`     ``Gemma2ForCausalLM``         ``GEMMA2`` (ours)
+``qwen3``   :func:`tad_torchtune.models.qwen3.qwen3`       ``Qwen3ForCausalLM``          ``QWEN3`` (ours)
+``llama3_1`` ``torchtune.models.llama3_1.llama3_1``        ``LlamaForCausalLM``          ``LLAMA3``
+``llama3_2`` ``torchtune.models.llama3_2.llama3_2``        ``LlamaForCausalLM``          ``LLAMA3_2``
 ==========  =============================================  ============================  ===================
+
+``llama3_1`` / ``llama3_2`` are Llama-3 with the "llama3" RoPE frequency scaling (factor 8 / 32) and, for
+3.2, tied embeddings by default.
 
 :data:`NAMED` holds the paper's models (teachers, pretrained students and the Table 8 students).
 :func:`resolve` turns a YAML ``model`` node (``_component_`` + kwargs) into ``(family, full kwargs)``.
@@ -28,7 +34,7 @@ from torch import nn
 
 __all__ = ["FAMILIES", "NAMED", "component_builder", "build", "resolve", "CHECKPOINTER_MODEL_TYPE"]
 
-FAMILIES = ("qwen2", "llama2", "llama3", "phi3", "phi2", "gemma2")
+FAMILIES = ("qwen2", "llama2", "llama3", "phi3", "phi2", "gemma2", "qwen3", "llama3_1", "llama3_2")
 
 CHECKPOINTER_MODEL_TYPE = {
     "qwen2": "QWEN2",
@@ -37,9 +43,15 @@ CHECKPOINTER_MODEL_TYPE = {
     "phi3": "PHI3_MINI",
     "phi2": "PHI2",
     "gemma2": "GEMMA2",
+    "qwen3": "QWEN3",
+    "llama3_1": "LLAMA3",
+    "llama3_2": "LLAMA3_2",
 }
 
 _QWEN = dict(vocab_size=151_936, norm_eps=1e-6, rope_base=1_000_000.0)
+
+_QWEN3 = dict(vocab_size=151_936, norm_eps=1e-6, rope_base=1_000_000.0, head_dim=128, max_seq_len=40960)
+_LLAMA3 = dict(vocab_size=128_256, norm_eps=1e-5, rope_base=500_000, max_seq_len=131072)
 
 # name -> (family, kwargs of the family's component builder)
 NAMED: dict[str, tuple[str, dict[str, Any]]] = {
@@ -94,6 +106,57 @@ NAMED: dict[str, tuple[str, dict[str, Any]]] = {
         dict(vocab_size=32_000, num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096, intermediate_dim=11008,
              max_seq_len=4096, norm_eps=1e-5),
     ),
+    # ---- current families (issue 18): Qwen3 dense, Llama-3.1/3.2, Qwen2.5 (dims of the HF config.json)
+    "qwen3_0_6b": (
+        "qwen3",
+        dict(_QWEN3, num_layers=28, num_heads=16, num_kv_heads=8, embed_dim=1024, intermediate_dim=3072,
+             tie_word_embeddings=True),
+    ),
+    "qwen3_1_7b": (
+        "qwen3",
+        dict(_QWEN3, num_layers=28, num_heads=16, num_kv_heads=8, embed_dim=2048, intermediate_dim=6144,
+             tie_word_embeddings=True),
+    ),
+    "qwen3_4b": (
+        "qwen3",
+        dict(_QWEN3, num_layers=36, num_heads=32, num_kv_heads=8, embed_dim=2560, intermediate_dim=9728,
+             tie_word_embeddings=True),
+    ),
+    "qwen3_8b": (
+        "qwen3",
+        dict(_QWEN3, num_layers=36, num_heads=32, num_kv_heads=8, embed_dim=4096, intermediate_dim=12288,
+             tie_word_embeddings=False),
+    ),
+    "qwen3_14b": (
+        "qwen3",
+        dict(_QWEN3, num_layers=40, num_heads=40, num_kv_heads=8, embed_dim=5120, intermediate_dim=17408,
+             tie_word_embeddings=False),
+    ),
+    "llama3_1_8b": (
+        "llama3_1",
+        dict(_LLAMA3, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096, intermediate_dim=14336,
+             scale_factor=8),
+    ),
+    "llama3_2_1b": (
+        "llama3_2",
+        dict(_LLAMA3, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192,
+             scale_factor=32, tie_word_embeddings=True),
+    ),
+    "qwen2_5_7b": (
+        "qwen2",
+        dict(_QWEN, vocab_size=152_064, num_layers=28, num_heads=28, num_kv_heads=4, embed_dim=3584,
+             intermediate_dim=18944, max_seq_len=131072, tie_word_embeddings=False),
+    ),
+    "qwen2_5_1_5b": (
+        "qwen2",
+        dict(_QWEN, num_layers=28, num_heads=12, num_kv_heads=2, embed_dim=1536, intermediate_dim=8960,
+             max_seq_len=131072, tie_word_embeddings=True),
+    ),
+    "qwen2_5_0_5b": (
+        "qwen2",
+        dict(_QWEN, num_layers=24, num_heads=14, num_kv_heads=2, embed_dim=896, intermediate_dim=4864,
+             max_seq_len=32768, tie_word_embeddings=True),
+    ),
     # ---- Table 8 students (pretraining from scratch)
     "qwen1_5_student_1_2b": (
         "qwen2",
@@ -137,6 +200,12 @@ def component_builder(family: str) -> Callable[..., nn.Module]:
         from tad_torchtune.models.phi2 import phi2 as fn
     elif family == "gemma2":
         from tad_torchtune.models.gemma2 import gemma2 as fn
+    elif family == "qwen3":
+        from tad_torchtune.models.qwen3 import qwen3 as fn
+    elif family == "llama3_1":
+        from torchtune.models.llama3_1 import llama3_1 as fn
+    elif family == "llama3_2":
+        from torchtune.models.llama3_2 import llama3_2 as fn
     else:
         raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
     return fn
@@ -162,6 +231,11 @@ _COMPONENT_PATHS = {
     "tad_torchtune.models.phi2.phi2": "phi2",
     "tad_torchtune.models.gemma2": "gemma2",
     "tad_torchtune.models.gemma2.gemma2": "gemma2",
+    "tad_torchtune.models.qwen3": "qwen3",  # the package attribute (the submodule name is shadowed by it)
+    "torchtune.models.llama3_1.llama3_1": "llama3_1",
+    "torchtune.models.llama3_1._component_builders.llama3_1": "llama3_1",
+    "torchtune.models.llama3_2.llama3_2": "llama3_2",
+    "torchtune.models.llama3_2._component_builders.llama3_2": "llama3_2",
 }
 
 

@@ -18,19 +18,26 @@ copies into it, DistilBERT-style:
     value and output slices stay matched).
   - Head selection: with KV groups of ``g_T = H_T / KV_T`` query heads, student KV head ``j`` is
     teacher KV head ``j`` and student query head ``j*g_S + r`` is teacher query head ``j*g_T + r``,
-    so every kept query head still reads the KV head it was trained with.
+    so every kept query head still reads the KV head it was trained with. A student with more query
+    heads per KV head than the teacher (``g_S = p * g_T``) takes the first ``H_S`` query heads and
+    mean-pools each group's ``p`` teacher KV heads into one (the GQA paper's conversion).
   - Rotary pairs are kept together (``dsel_qk``): for interleaved RoPE (torchtune's
     ``RotaryPositionalEmbeddings``: pairs ``(2i, 2i+1)``, Llama/Gemma in tune format) the first
     ``d_S`` dims; for rotate-half RoPE (Qwen2, Phi-3, Phi-2: pairs ``(i, i + d/2)``) dims
     ``[0, d_S/2)`` and ``[d_T/2, d_T/2 + d_S/2)``. The kept pairs are the highest-frequency ones.
     The student's RoPE frequencies are ``base^(-2i/d_S)``, not the teacher's ``base^(-2i/d_T)``,
     so a truncated head is an initialisation, not an exact copy of the teacher's function.
+  - Per-head q/k norms (Qwen3's ``q_norm``/``k_norm``: one ``[d]`` scale shared by all heads) keep the
+    same dims ``dsel_qk`` as the q/k rows they scale.
 * **MLP** -- copied when ``copy_mlp`` (every weight's leading slice: ``w1/w3 [:I_S, :D_S]``,
   ``w2 [:D_S, :I_S]``, biases likewise); left at the student's own init otherwise (the paper's
   Qwen1.5 students use random MLPs).
-* **Norms, embeddings, output** -- leading slices ``[:D_S]`` (embeddings ``[:V_S, :D_S]``);
-  embeddings optionally frozen (``requires_grad=False``), as for the paper's Phi-2 / Qwen2.5 /
-  Gemma2 students.
+* **Norms, embeddings, output** -- leading slices ``[:D_S]`` (embeddings ``[:V_S, :D_S]``, so
+  Qwen2.5-7B's 152,064 rows give a small Qwen2.5's 151,936); embeddings optionally frozen
+  (``requires_grad=False``), as for the paper's Phi-2 / Qwen2.5 / Gemma2 students.
+* **Tied embeddings** -- a tied student (``TiedLinear`` output, no ``output.weight``) gets the teacher's
+  input embedding, also when the teacher is untied (Qwen3-8B -> a Qwen3-1.7B-shaped student); an untied
+  student of a tied teacher gets the teacher's embedding as its output projection.
 
 Tensors whose student and teacher shapes are equal are copied whole, so a student with the teacher's
 widths and fewer layers is an exact layer subset.
@@ -49,14 +56,19 @@ __all__ = ["select_layers", "init_student_from_teacher"]
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
-def select_layers(num_teacher_layers: int, spec: str | Sequence[int]) -> list[int]:
+def select_layers(
+    num_teacher_layers: int, spec: str | Sequence[int], num_student_layers: int | None = None
+) -> list[int]:
     """Teacher layer indices that initialise the student's layers, in order.
 
     Args:
         num_teacher_layers (int): number of teacher layers ``L_T``.
         spec (str | Sequence[int]): ``"every_other"`` (``0, 2, 4, ...``: ``ceil(L_T/2)`` layers),
             ``"every_third"`` (``0, 3, 6, ...``), ``"first_half"`` (``0 .. L_T//2 - 1``), ``"all"``,
-            or an explicit list of distinct, increasing indices in ``[0, L_T)``.
+            ``"uniform"`` (``L_S`` layers spread evenly from the first to the last: ``round(i (L_T-1)/(L_S-1))``,
+            e.g. Qwen3-8B's 36 -> 28 for a Qwen3-1.7B-shaped student), or an explicit list of distinct,
+            increasing indices in ``[0, L_T)``.
+        num_student_layers (int | None): ``L_S``, needed by ``"uniform"`` only. Default: None
 
     Returns:
         list[int]: teacher layer index for each student layer.
@@ -70,6 +82,13 @@ def select_layers(num_teacher_layers: int, spec: str | Sequence[int]) -> list[in
     """
     if num_teacher_layers <= 0:
         raise ValueError(f"num_teacher_layers must be positive, got {num_teacher_layers}")
+    if spec == "uniform":
+        n = num_student_layers
+        if n is None or not 1 <= n <= num_teacher_layers:
+            raise ValueError(f"layers='uniform' needs 1 <= num_student_layers <= {num_teacher_layers}, got {n}")
+        if n == 1:
+            return [0]
+        return [round(i * (num_teacher_layers - 1) / (n - 1)) for i in range(n)]
     if isinstance(spec, str):
         named = {
             "every_other": list(range(0, num_teacher_layers, 2)),
@@ -78,7 +97,9 @@ def select_layers(num_teacher_layers: int, spec: str | Sequence[int]) -> list[in
             "all": list(range(num_teacher_layers)),
         }
         if spec not in named:
-            raise ValueError(f"unknown layer spec {spec!r}; use one of {sorted(named)} or an explicit list of indices")
+            raise ValueError(
+                f"unknown layer spec {spec!r}; use one of {sorted([*named, 'uniform'])} or an explicit list of indices"
+            )
         return named[spec]
     layers = [int(i) for i in spec]
     if not layers:
@@ -92,14 +113,16 @@ def select_layers(num_teacher_layers: int, spec: str | Sequence[int]) -> list[in
 
 
 def _rope_layout(attn: nn.Module) -> str:
-    """'interleaved' for torchtune's RotaryPositionalEmbeddings family, else 'half' (HF rotate-half)."""
+    """'interleaved' for torchtune's RotaryPositionalEmbeddings family (and Llama-3.1/3.2's scaled RoPE),
+    else 'half' (HF rotate-half: Qwen2, Qwen3, Phi-3)."""
+    from torchtune.models.llama3_1 import Llama3ScaledRoPE
     from torchtune.modules import RotaryPositionalEmbeddings
 
     pos = getattr(attn, "pos_embeddings", None)
     layout = getattr(pos, "rope_layout", None)
     if layout is not None:
         return layout
-    return "interleaved" if isinstance(pos, RotaryPositionalEmbeddings) else "half"
+    return "interleaved" if isinstance(pos, (RotaryPositionalEmbeddings, Llama3ScaledRoPE)) else "half"
 
 
 def _head_dims(d_t: int, d_s: int, layout: str) -> torch.Tensor:
@@ -115,15 +138,27 @@ def _head_dims(d_t: int, d_s: int, layout: str) -> torch.Tensor:
 
 
 def _head_select(h_t: int, kv_t: int, h_s: int, kv_s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher query-head and KV-head indices for the student's heads (GQA groups preserved)."""
+    """Teacher query heads ``[h_s]`` and, for each student KV head, the teacher KV heads it is made of
+    ``[kv_s, m]`` (``m = 1`` unless pooled), so every kept query head reads (a pool of) the KV head(s) it was
+    trained with.
+
+    * ``g_S <= g_T`` (query heads per KV head; e.g. Qwen3-8B 32/8 -> Qwen3-1.7B 16/8): student KV head ``j`` is
+      teacher KV head ``j``, its query heads ``j*g_S + r`` are teacher query heads ``j*g_T + r``.
+    * ``g_S > g_T`` with ``g_S % g_T == 0`` (e.g. an MHA teacher to a GQA student): student KV head ``j`` is the
+      mean of the ``g_S / g_T`` teacher KV heads whose query heads it takes (``j*g_S .. (j+1)*g_S - 1``), as
+      in the GQA paper's mean-pooled conversion.
+    * otherwise the first ``h_s`` / ``kv_s`` heads (no grouping can be kept).
+    """
     if kv_s > kv_t or h_s > h_t:
         raise ValueError(f"student heads ({h_s} q / {kv_s} kv) exceed the teacher's ({h_t} q / {kv_t} kv)")
     g_t, g_s = h_t // kv_t, h_s // kv_s
-    if g_s > g_t:
-        # More query heads per KV head than the teacher has: fall back to the first h_s heads.
-        return torch.arange(h_s), torch.arange(kv_s)
-    q = torch.tensor([j * g_t + r for j in range(kv_s) for r in range(g_s)])
-    return q, torch.arange(kv_s)
+    if g_s <= g_t:
+        q = torch.tensor([j * g_t + r for j in range(kv_s) for r in range(g_s)])
+        return q, torch.arange(kv_s).unsqueeze(1)
+    if g_s % g_t == 0:
+        pool = g_s // g_t
+        return torch.arange(h_s), torch.arange(kv_s * pool).view(kv_s, pool)
+    return torch.arange(h_s), torch.arange(kv_s).unsqueeze(1)
 
 
 def _attn_geometry(model: nn.Module) -> tuple[int, int, int, int, str]:
@@ -144,15 +179,20 @@ def _attn_slice(name: str, t: torch.Tensor, geo_t, geo_s) -> torch.Tensor:
     """Per-head truncation of one attention tensor (see the module docstring for the slices)."""
     h_t, kv_t, d_t, _, layout = geo_t
     h_s, kv_s, d_s, e_s, _ = geo_s
-    qsel, kvsel = _head_select(h_t, kv_t, h_s, kv_s)
+    qsel, kv_groups = _head_select(h_t, kv_t, h_s, kv_s)
     dsel_qk = _head_dims(d_t, d_s, layout)
     dsel_v = torch.arange(d_s)
     proj, _, kind = name.rpartition(".")
     proj = proj.rsplit(".", 1)[-1]
+    if proj in ("q_norm", "k_norm"):  # one [d] scale over each head's dims: keep the q/k dims kept
+        return t[dsel_qk]
     if proj in ("q_proj", "k_proj", "v_proj"):
-        heads, n = (qsel, h_t) if proj == "q_proj" else (kvsel, kv_t)
         dsel = dsel_v if proj == "v_proj" else dsel_qk
-        x = t.reshape(n, d_t, *t.shape[1:])[heads][:, dsel]  # [h_s, d_s, (D_T)]
+        if proj == "q_proj":
+            x = t.reshape(h_t, d_t, *t.shape[1:])[qsel]  # [h_s, d_t, (D_T)]
+        else:  # each student KV head: the mean of its pool of teacher KV heads (a pool of one: a copy)
+            x = t.reshape(kv_t, d_t, *t.shape[1:])[kv_groups].mean(dim=1)  # [kv_s, d_t, (D_T)]
+        x = x[:, dsel]  # [heads, d_s, (D_T)]
         if kind == "weight":
             x = x[..., :e_s]
         return x.reshape(-1, *x.shape[2:])
@@ -236,12 +276,14 @@ def init_student_from_teacher(
         if not wanted:
             report["random"].append(name)
             continue
+        if t_name == "output.weight" and t_name not in teacher_state_dict:
+            t_name = "tok_embeddings.weight"  # a tied teacher's output projection is its embedding
         if t_name not in teacher_state_dict:
             raise ValueError(f"teacher state dict has no {t_name!r} (needed for student {name!r})")
         t = teacher_state_dict[t_name]
         if t.shape == p.shape:
             src = t
-        elif sub.startswith("attn.") and sub.endswith(("_proj.weight", "_proj.bias")):
+        elif sub.startswith("attn.") and sub.endswith(("_proj.weight", "_proj.bias", "_norm.scale")):
             src = _attn_slice(sub, t, t_heads, geo_s)
             report["truncated"].append(name)
         else:
@@ -325,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     student_name = str(cfg.model._component_).rsplit(".", 1)[-1]
     si = dict(STUDENT_INIT.get(student_name, (None, {"layers": "every_other", "copy_mlp": False}))[1])
     si.pop("freeze_embeddings", None)  # freezing is the recipe's `freeze: [tok_embeddings]`
-    si.update(OmegaConf.to_container(cfg.get("student_init", None) or OmegaConf.create({}), resolve=True))
+    si_given = OmegaConf.to_container(cfg.get("student_init", None) or OmegaConf.create({}), resolve=True)
+    si.update(si_given)
     out = ns.out or si.pop("output_dir", None) or OmegaConf.select(cfg, "checkpointer.checkpoint_dir")
     si.pop("output_dir", None)
     if out is None:
@@ -348,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     family, s_args = resolve(s_node)
     student = tt_config.instantiate(cfg.model)
     reinit_(student, init_std)
-    layers = select_layers(n_teacher, spec)
+    n_student = len(student.layers)
+    if spec == "every_other" and len(select_layers(n_teacher, spec)) != n_student and "layers" not in si_given:
+        spec = "uniform"  # a pretrained-shaped student (e.g. 28 layers from 36): spread its layers evenly
+    layers = select_layers(n_teacher, spec, n_student)
     report = init_student_from_teacher(
         student,
         teacher_sd,

@@ -10,12 +10,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from torchtune.models.llama3 import llama3  # noqa: E402
+from torchtune.models.llama3_1 import llama3_1  # noqa: E402
+from torchtune.models.llama3_2 import llama3_2  # noqa: E402
 from torchtune.models.phi3 import phi3  # noqa: E402
 from torchtune.models.qwen2 import qwen2  # noqa: E402
 
 from tad_torchtune.models.export import export_hf, load_weights, main  # noqa: E402
 from tad_torchtune.models.gemma2 import gemma2  # noqa: E402
 from tad_torchtune.models.phi2 import phi2  # noqa: E402
+from tad_torchtune.models.qwen3 import qwen3  # noqa: E402
 
 V, S = 80, 12
 
@@ -29,11 +32,28 @@ STUDENTS = {
                           intermediate_dim=48, max_seq_len=64)),
     "phi2": ("phi2", dict(vocab_size=V, num_layers=2, num_heads=4, embed_dim=40, intermediate_dim=64,
                           max_seq_len=64, partial_rotary_factor=0.4)),
+    "qwen3_tied": ("qwen3", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, head_dim=12,
+                                 intermediate_dim=48, max_seq_len=64, tie_word_embeddings=True)),
+    "qwen3_untied": ("qwen3", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                                   intermediate_dim=48, max_seq_len=64, tie_word_embeddings=False)),
+    "llama3_1": ("llama3_1", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                                  intermediate_dim=48, max_seq_len=64, rope_base=500_000, scale_factor=8)),
+    "llama3_2": ("llama3_2", dict(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                                  intermediate_dim=48, max_seq_len=64, rope_base=500_000, scale_factor=32)),
     "gemma2": ("gemma2", dict(vocab_size=V, num_layers=3, num_heads=4, head_dim=16, num_kv_heads=2, embed_dim=32,
                               intermediate_dim=48, max_seq_len=64, sliding_window=4, query_pre_attn_scalar=12,
                               attn_logit_softcapping=4.0, final_logit_softcapping=2.0)),
 }  # fmt: skip
-BUILDERS = {"qwen2": qwen2, "llama3": llama3, "phi3": phi3, "phi2": phi2, "gemma2": gemma2}
+BUILDERS = {
+    "qwen2": qwen2,
+    "llama3": llama3,
+    "phi3": phi3,
+    "phi2": phi2,
+    "gemma2": gemma2,
+    "qwen3": qwen3,
+    "llama3_1": llama3_1,
+    "llama3_2": llama3_2,
+}
 
 
 def _random(model):
@@ -147,3 +167,64 @@ student_init:
     torch.testing.assert_close(sd["layers.1.attn.v_proj.weight"], v_ref, rtol=0, atol=0)
     # MLP random with the N(0, 0.02) init, not torchtune's default kaiming-uniform
     assert abs(sd["layers.0.mlp.w1.weight"].std().item() - 0.02) < 0.004
+
+
+def test_init_student_cli_qwen3_pair(tmp_path):
+    """`tad-tune init-student` for a Qwen3 pair shaped like Qwen3-8B -> Qwen3-1.7B (untied teacher, tied student,
+    half the query heads per GQA group, a layer count every_other cannot give): layers spread uniformly, the
+    student directory loads in Qwen3ForCausalLM and through our QWEN3 checkpointer."""
+    import json as _json
+
+    from tad_torchtune.models.checkpointer import HFCheckpointer
+    from tad_torchtune.models.student_init import main as init_main
+
+    tcfg = transformers.Qwen3Config(
+        vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=5, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    teacher = transformers.AutoModelForCausalLM.from_config(tcfg)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.2)
+    teacher.save_pretrained(tmp_path / "teacher")
+    dims = f"vocab_size: {V}\n  num_kv_heads: 2\n  head_dim: 8\n  max_seq_len: 64\n"
+    (tmp_path / "exp.yaml").write_text(
+        f"""
+model:
+  _component_: tad_torchtune.models.qwen3
+  num_layers: 3
+  num_heads: 4
+  embed_dim: 32
+  intermediate_dim: 40
+  tie_word_embeddings: true
+  {dims}
+teacher_model:
+  _component_: tad_torchtune.models.qwen3
+  num_layers: 5
+  num_heads: 8
+  embed_dim: 48
+  intermediate_dim: 64
+  tie_word_embeddings: false
+  {dims}
+teacher_checkpointer:
+  _component_: tad_torchtune.models.HFCheckpointer
+  checkpoint_dir: {tmp_path}/teacher
+  checkpoint_files: [model.safetensors]
+  model_type: QWEN3
+  output_dir: {tmp_path}/unused
+"""
+    )
+    out = tmp_path / "student_init"
+    overrides = [f"student_init.output_dir={out}", "student_init.copy_mlp=true", "student_init.tokenizer_dir=null"]
+    assert init_main(["--config", str(tmp_path / "exp.yaml"), "--dtype", "fp32", *overrides]) == 0
+    assert _json.loads((out / "student_init_report.json").read_text())["layers"] == [0, 2, 4]
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(hf).__name__ == "Qwen3ForCausalLM" and hf.config.tie_word_embeddings
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    sd = HFCheckpointer(str(out), ["model.safetensors"], "QWEN3", str(tmp_path / "run")).load_checkpoint()["model"]
+    t = teacher.state_dict()
+    # student layer 1 = teacher layer 2; q heads (0, 1 | 4, 5) of the teacher's groups of 4; columns [:32]
+    q_ref = t["model.layers.2.self_attn.q_proj.weight"].view(8, 8, 48)[[0, 1, 4, 5], :, :32].reshape(32, 32)
+    torch.testing.assert_close(sd["layers.1.attn.q_proj.weight"], q_ref, rtol=0, atol=0)
+    torch.testing.assert_close(sd["layers.1.attn.k_norm.scale"], t["model.layers.2.self_attn.k_norm.weight"])
+    torch.testing.assert_close(sd["tok_embeddings.weight"], t["model.embed_tokens.weight"][:, :32])

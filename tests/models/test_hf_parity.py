@@ -16,15 +16,22 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 from torchtune.models.llama2 import llama2  # noqa: E402
+from torchtune.models.llama3_1 import llama3_1  # noqa: E402
+from torchtune.models.llama3_2 import llama3_2  # noqa: E402
 from torchtune.models.phi3 import phi3  # noqa: E402
 from torchtune.models.qwen2 import qwen2  # noqa: E402
 
 from tad_torchtune.models.checkpointer import HFCheckpointer  # noqa: E402
 from tad_torchtune.models.gemma2 import gemma2  # noqa: E402
 from tad_torchtune.models.phi2 import phi2  # noqa: E402
+from tad_torchtune.models.qwen3 import qwen3  # noqa: E402
 
 V, D, L, H, S = 96, 64, 3, 4, 16
 COMMON = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, max_position_embeddings=64)
+# Llama-3.1/3.2 frequency scaling; with base 5e5 and head_dim 16 the lowest frequencies are rescaled
+_LLAMA3_ROPE = dict(
+    rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
 
 
 def _families():
@@ -52,6 +59,45 @@ def _families():
             T.Phi3Config(**COMMON, intermediate_size=96, num_key_value_heads=2, rms_norm_eps=1e-5, pad_token_id=0),
             "PHI3_MINI",
             lambda: phi3(V, L, H, 2, D, 96, 64, norm_eps=1e-5),
+        ),
+        # Qwen3: q/k RMSNorm per head before RoPE, no qkv bias, head_dim (24) != D/H (16), attention width 96 != D
+        "qwen3_tied_gqa": (
+            T.Qwen3Config(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
+            "QWEN3",
+            lambda: qwen3(V, L, H, 2, D, 96, 64, head_dim=24, rope_base=10_000.0, tie_word_embeddings=True),
+        ),
+        "qwen3_untied": (
+            T.Qwen3Config(
+                **COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False
+            ),
+            "QWEN3",
+            lambda: qwen3(V, L, H, 2, D, 96, 64, head_dim=16, rope_base=10_000.0, tie_word_embeddings=False),
+        ),
+        # Llama-3.1 (untied, RoPE scaling factor 8) and Llama-3.2 (tied, factor 32), torchtune's own builders
+        "llama3_1": (
+            T.LlamaConfig(
+                **COMMON,
+                intermediate_size=96,
+                num_key_value_heads=2,
+                rms_norm_eps=1e-5,
+                rope_theta=500_000.0,
+                rope_scaling=dict(_LLAMA3_ROPE, factor=8.0),
+            ),
+            "LLAMA3",
+            lambda: llama3_1(V, L, H, 2, D, 64, intermediate_dim=96, rope_base=500_000, scale_factor=8),
+        ),
+        "llama3_2_tied": (
+            T.LlamaConfig(
+                **COMMON,
+                intermediate_size=96,
+                num_key_value_heads=2,
+                rms_norm_eps=1e-5,
+                rope_theta=500_000.0,
+                rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
+                tie_word_embeddings=True,
+            ),
+            "LLAMA3_2",
+            lambda: llama3_2(V, L, H, 2, D, 64, intermediate_dim=96, rope_base=500_000, scale_factor=32),
         ),
         "phi2": (
             T.PhiConfig(**COMMON, intermediate_size=128, partial_rotary_factor=0.4, layer_norm_eps=1e-5),

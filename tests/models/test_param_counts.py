@@ -24,8 +24,13 @@ def _closed_form(family: str, a: dict) -> int:
     if family == "qwen2":
         per_layer = proj + H * hd + 2 * KV * hd + 3 * D * I + 2 * D
         return V * D * (1 if a["tie_word_embeddings"] else 2) + L * per_layer + D
-    if family in ("llama2", "phi3"):
+    if family in ("llama2", "phi3", "llama3_1"):
         return 2 * V * D + L * (proj + 3 * D * I + 2 * D) + D
+    if family == "llama3_2":
+        return V * D * (1 if a["tie_word_embeddings"] else 2) + L * (proj + 3 * D * I + 2 * D) + D
+    if family == "qwen3":  # + per-head q/k norm scales, no qkv bias
+        per_layer = proj + 2 * hd + 3 * D * I + 2 * D
+        return V * D * (1 if a["tie_word_embeddings"] else 2) + L * per_layer + D
     if family == "phi2":
         per_layer = proj + 4 * D + (D * I + I + I * D + D) + 2 * D
         return V * D + L * per_layer + 2 * D + V * D + V
@@ -44,7 +49,16 @@ def test_builders_match_closed_form(name):
 
 @pytest.mark.parametrize(
     "ours, theirs",
-    [("qwen2_5_3b", "qwen2_5.qwen2_5_3b"), ("phi3_mini", "phi3.phi3_mini"), ("llama2_7b", "llama2.llama2_7b")],
+    [
+        ("qwen2_5_3b", "qwen2_5.qwen2_5_3b"),
+        ("phi3_mini", "phi3.phi3_mini"),
+        ("llama2_7b", "llama2.llama2_7b"),
+        ("llama3_1_8b", "llama3_1.llama3_1_8b"),
+        ("llama3_2_1b", "llama3_2.llama3_2_1b"),
+        ("qwen2_5_7b", "qwen2_5.qwen2_5_7b_base"),
+        ("qwen2_5_1_5b", "qwen2_5.qwen2_5_1_5b_base"),
+        ("qwen2_5_0_5b", "qwen2_5.qwen2_5_0_5b"),
+    ],
 )
 def test_same_as_torchtune_builders(ours, theirs):
     import importlib
@@ -66,6 +80,17 @@ TEACHERS = {
     "phi3_medium": 14.0e9,
     "tinyllama_1_1b": 1.1e9,
     "llama2_7b": 6.74e9,
+    # model cards / HF safetensors totals
+    "qwen3_0_6b": 0.596e9,
+    "qwen3_1_7b": 1.72e9,
+    "qwen3_4b": 4.02e9,
+    "qwen3_8b": 8.19e9,
+    "qwen3_14b": 14.77e9,
+    "llama3_1_8b": 8.03e9,
+    "llama3_2_1b": 1.24e9,
+    "qwen2_5_7b": 7.62e9,
+    "qwen2_5_1_5b": 1.54e9,
+    "qwen2_5_0_5b": 0.49e9,
 }
 
 

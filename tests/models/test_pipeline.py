@@ -44,7 +44,19 @@ FAMILIES = {
         dict(intermediate_dim=96, num_layers=3, vocab_size=264),
         dict(intermediate_dim=48, num_layers=1, vocab_size=259),
     ),
+    "qwen3": (
+        "QWEN3",
+        lambda: transformers.Qwen3Config(
+            vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, max_position_embeddings=128, tie_word_embeddings=False,
+        ),
+        dict(_component_="tad_torchtune.models.qwen3", num_heads=4, num_kv_heads=2, head_dim=24, embed_dim=64,
+             max_seq_len=128, tie_word_embeddings=False),
+        dict(intermediate_dim=96, num_layers=4, vocab_size=264),
+        dict(intermediate_dim=48, num_layers=2, vocab_size=259),
+    ),
 }  # fmt: skip
+_EVERY_OTHER = ("phi2", "qwen3")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -59,7 +71,7 @@ def test_init_student_then_distil_then_load_in_transformers(family, tmp_path):
     cfg.model = {**common, **s_dims}
     cfg.teacher_model = {**common, **t_dims}
     cfg.student_init = dict(
-        output_dir=str(tmp_path / "student_init"), layers="every_other" if family == "phi2" else [1]
+        output_dir=str(tmp_path / "student_init"), layers="every_other" if family in _EVERY_OTHER else [1]
     )
     cfg.teacher_checkpointer = dict(
         _component_="tad_torchtune.models.HFCheckpointer", checkpoint_dir=str(tmp_path / "teacher"),
@@ -78,8 +90,8 @@ def test_init_student_then_distil_then_load_in_transformers(family, tmp_path):
     # copied from the teacher: embeddings (first 259 rows) and the selected layer's attention
     t_sd = load_weights(tmp_path / "teacher", family)
     torch.testing.assert_close(init_sd["tok_embeddings.weight"], t_sd["tok_embeddings.weight"][:259])
-    # phi2: student layer 1 <- teacher layer 2 (every other); gemma2: student layer 0 <- teacher layer 1 (explicit)
-    s_layer, t_layer = (1, 2) if family == "phi2" else (0, 1)
+    # phi2, qwen3: student layer 1 <- teacher layer 2 (every other); gemma2: layer 0 <- teacher layer 1 (explicit)
+    s_layer, t_layer = (1, 2) if family in _EVERY_OTHER else (0, 1)
     torch.testing.assert_close(
         init_sd[f"layers.{s_layer}.attn.q_proj.weight"], t_sd[f"layers.{t_layer}.attn.q_proj.weight"]
     )

@@ -44,10 +44,12 @@ def test_phi3_rows_over_llama2_tokens(shared_assets):
 
 
 def test_qwen_family_shares_one_vocab(shared_assets):
-    """Qwen1.5 / Qwen2.5 teachers and students: 151936 rows over the 151643 BPE tokens (+ specials)."""
+    """Qwen1.5 / Qwen2.5 / Qwen3 teachers and students: 151936 rows over the 151643 BPE tokens (+ specials);
+    Qwen2.5-7B alone has 152064 rows (128 padding rows more), which the loss cuts as teacher-only ids."""
     vocab = json.loads((shared_assets / "tokenizers/qwen2/vocab.json").read_text())
     assert len(vocab) == 151_643
-    rows = {name: kw["vocab_size"] for name, (fam, kw) in NAMED.items() if fam == "qwen2"}
+    rows = {name: kw["vocab_size"] for name, (fam, kw) in NAMED.items() if fam in ("qwen2", "qwen3")}
+    assert rows.pop("qwen2_5_7b") == 152_064
     assert set(rows.values()) == {151_936}, rows
 
 
@@ -61,3 +63,20 @@ def test_phi2_student_keeps_phi2_vocab(shared_assets):
         == NAMED["phi2_2_7b"][1]["vocab_size"]
         == NAMED["phi2_student_1_1b"][1]["vocab_size"]
     )
+
+
+def test_qwen2_5_7b_extra_rows_are_never_emitted(shared_assets):
+    """Qwen2.5-7B -> 1.5B / 0.5B: the real Qwen tokenizer's largest id (151,664, <|file_sep|>) is below the
+    students' 151,936 rows, so the teacher's 128 extra rows (151,936-152,063) are padding the loss may cut."""
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    from tad_torchtune.data.vocab import check_vocab_alignment
+
+    d = shared_assets / "tokenizers/qwen2"
+    tok = qwen2_5_tokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+    ids = [i for text in ("Hello world", "<|im_start|>user<|im_end|>", "<|file_sep|>") for i in tok.encode(text)]
+    assert max(tok.special_tokens.values()) == 151_664 and max(ids) <= 151_664
+    assert NAMED["qwen2_5_7b"][1]["vocab_size"] - NAMED["qwen2_5_1_5b"][1]["vocab_size"] == 128
+    assert NAMED["qwen2_5_1_5b"][1]["vocab_size"] == NAMED["qwen2_5_0_5b"][1]["vocab_size"] == 151_936
+    report = check_vocab_alignment(tok, tok, num_samples=2000)
+    assert report.ok and report.teacher_vocab_size == 151_665 <= 151_936
