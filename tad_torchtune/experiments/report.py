@@ -143,7 +143,12 @@ def write_report(folder: str | Path, to: str | Path | None = None) -> Path:
     refs = {p.stem: json.loads(p.read_text()) for p in sorted((folder / "reference").glob("*.json"))}
     tail_rows = [{"set": name, "K": int(k), "alpha_k": a} for name, r in refs.items() for k, a in r["alpha_k"].items()]
     _write_csv(out / "teacher_tail.csv", tail_rows)
-    md += ["## The teacher on the evaluation sets (Figure 2)", "", "| set | tokens | teacher ppl | arg-max ≠ next token | α_1 | α_5 | α_10 | α_20 | α_50 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    md += [
+        "## The teacher on the evaluation sets (Figure 2)",
+        "",
+        "| set | tokens | teacher ppl | arg-max ≠ next token | α_1 | α_5 | α_10 | α_20 | α_50 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, r in refs.items():
@@ -199,7 +204,12 @@ def write_report(folder: str | Path, to: str | Path | None = None) -> Path:
             step0[student] = {row["set"]: row for row in json.loads(path.read_text())}
     md += ["## Final held-out measurements", ""]
     for set_name in sets:
-        md += [f"### `{set_name}`", "", "| variant | student | seeds | forward KL | reverse KL | CE | ppl | top-1 agree | Full-ECE | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        md += [
+            f"### `{set_name}`",
+            "",
+            "| variant | student | seeds | forward KL | reverse KL | CE | ppl | top-1 agree | Full-ECE | tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for student, rows in step0.items():
             if set_name in rows:
                 r0 = rows[set_name]
@@ -217,9 +227,14 @@ def write_report(folder: str | Path, to: str | Path | None = None) -> Path:
     # --- paired comparisons ---
     paired_rows = []
     if spec.compare:
-        md += ["## Paired differences A − B (per seed, 95 % t interval)", "",
-               "Negative KL / CE / ECE differences and positive top-1 differences favour A.", "",
-               "| A − B | set | metric | mean difference | 95 % CI | seeds | verdict |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        md += [
+            "## Paired differences A − B (per seed, 95 % t interval)",
+            "",
+            "Negative KL / CE / ECE differences and positive top-1 differences favour A.",
+            "",
+            "| A − B | set | metric | mean difference | 95 % CI | seeds | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for a, b in spec.compare:
             if a not in results or b not in results:
                 continue
@@ -230,8 +245,10 @@ def write_report(folder: str | Path, to: str | Path | None = None) -> Path:
                     except ValueError:
                         continue
                     verdict = "established" if d.established else "not established"
-                    paired_rows.append({"a": a, "b": b, "set": set_name, "metric": key, "mean": d.mean, "sd": d.sd,
-                                        "low": d.low, "high": d.high, "n": d.n, "established": d.established})  # fmt: skip
+                    paired_rows.append(
+                        {"a": a, "b": b, "set": set_name, "metric": key, "mean": d.mean, "sd": d.sd, "low": d.low,
+                         "high": d.high, "n": d.n, "established": d.established}
+                    )  # fmt: skip
                     md.append(f"| {a} − {b} | {set_name} | {key} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | "
                               f"{d.n} | {verdict} |")  # fmt: skip
         md.append("")
@@ -292,8 +309,12 @@ def write_report(folder: str | Path, to: str | Path | None = None) -> Path:
         sweep = sorted(((args[key], v) for v, args in tad if float(args.get(fixed[0])) == fixed[1]), key=lambda x: x[0])
         if len(sweep) < 2:
             continue
-        md += [f"## {title}", "", f"| {key} | seeds | held-out forward KL | ppl | top-1 agree | − {reference} (95 % CI) |",
-               "|---|---|---|---|---|---|"]  # fmt: skip
+        md += [
+            f"## {title}",
+            "",
+            f"| {key} | seeds | held-out forward KL | ppl | top-1 agree | − {reference} (95 % CI) |",
+            "|---|---|---|---|---|---|",
+        ]
         xs, ms, sds = [], [], []
         for x, v in sweep:
             fkl = summarize(list(finals_of(v.name, "heldout", "fkl").values()))
