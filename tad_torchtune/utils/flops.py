@@ -42,7 +42,6 @@ __all__ = [
     "forward_flops_per_token",
     "measure_matmul_peak",
     "parse_peak_flops",
-    "utilisation",
     "main",
 ]
 
@@ -300,20 +299,6 @@ def parse_peak_flops(value: Any, key: str = "peak_flops") -> float | None:
     if not math.isfinite(peak) or peak <= 0:
         raise ValueError(f"{key}={value!r} must be a finite FLOP/s value > 0; {fix}")
     return peak
-
-
-def utilisation(
-    num_tokens: float, seconds: float, flops_per_token: float, peak_flops: float | None
-) -> dict[str, float]:
-    """Achieved FLOP/s (and model FLOP utilisation against ``peak_flops`` when given) of a timed span.
-
-    Returns ``{"tokens_per_s", "flops_per_s", "mfu"}`` (``mfu`` only with a peak).
-    """
-    tps = num_tokens / seconds if seconds > 0 else 0.0
-    out = {"tokens_per_s": tps, "flops_per_s": tps * flops_per_token}
-    if peak_flops:
-        out["mfu"] = out["flops_per_s"] / peak_flops
-    return out
 
 
 def measure_matmul_peak(
