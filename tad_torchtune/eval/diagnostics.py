@@ -142,7 +142,7 @@ def teacher_tail_stats(
     r"""The teacher's tail mass :math:`\alpha_K` and arg-max error rate (the paper's Figure 2).
 
     For every valid position, :math:`\alpha_K = 1 - \sum_{i \in S_K} p_{T,i}`, where :math:`S_K` holds the
-    teacher's K most probable tokens (TAD_SPEC §1). The paper reports that the teacher's arg-max differs
+    teacher's K most probable tokens (docs/spec.md §1). The paper reports that the teacher's arg-max differs
     from the true next token at 39-46% of positions on Regmix validation text.
 
     Args:

@@ -1,6 +1,6 @@
 r"""FLOPs per token of a distillation step, utilisation, a matmul peak probe, and ``tad-tune flops``.
 
-Counting convention (the one behind the paper's "9.2 vs 9.3 PFLOPs per 1M tokens", TAD_SPEC §5):
+Counting convention (the one behind the paper's "9.2 vs 9.3 PFLOPs per 1M tokens", docs/spec.md §5):
 2 FLOPs per multiply-accumulate of every matmul; a backward pass costs twice its forward (gradients with
 respect to inputs and to weights); the frozen teacher only runs forward; the embedding lookup is free.
 Per layer and token, with model width ``D``, ``H`` query heads and ``H_kv`` key/value heads of size ``d_h``,

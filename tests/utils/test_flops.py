@@ -51,7 +51,7 @@ def test_attention_term_closed_form():
 
 
 def test_paper_figure_qwen_1_8b_to_1_2b():
-    """TAD_SPEC §5: 9.2 (KD) vs 9.3 (TAD) PFLOPs per 1M tokens; ours: 9.27 for both (TAD adds O(V))."""
+    """docs/spec.md §5: 9.2 (KD) vs 9.3 (TAD) PFLOPs per 1M tokens; ours: 9.27 for both (TAD adds O(V))."""
     kl = estimate_flops_per_token("qwen1_5_student_1_2b", "qwen1_5_1_8b", 2048, loss="kl")
     tad = estimate_flops_per_token("qwen1_5_student_1_2b", "qwen1_5_1_8b", 2048, loss="tad")
     assert 9.2 <= kl.pflops_per_million_tokens() <= 9.35
