@@ -225,13 +225,11 @@ class _Checker:
         if kd is None:
             return
         component = str(kd.get("_component_", ""))
-        for arg in ("temperature",):
-            if arg in kd:
-                self._number(f"kd_loss.{arg}", 0, strict=True, integer=False)
+        if "temperature" in kd:
+            self._number("kd_loss.temperature", 0, strict=True, integer=False)
         if component.endswith("TADLoss"):
             self._number("kd_loss.beta", 0, strict=True, integer=False)
-            top_k = self._component_default("kd_loss", "top_k")
-            if top_k is not None and "top_k" in kd:
+            if "top_k" in kd:
                 self._number("kd_loss.top_k", 1, strict=False, integer=True)
 
     # --- models -------------------------------------------------------------------------------------

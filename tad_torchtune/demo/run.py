@@ -6,8 +6,8 @@ What happens (see ``docs/demo.md``):
    torchtune weights and a tokenizer (cached after the first run; :mod:`tad_torchtune.demo.smollm2`).
 2. The text is the Python Language Reference that CPython ships (``pydoc_data``); one section in eight is
    held out (:mod:`tad_torchtune.demo.text`).
-3. The student keeps every other teacher layer (15 of 30), initialised from the teacher by
-   :func:`tad_torchtune.models.student_init.init_student_from_teacher`: removing half the layers is the damage
+3. The student keeps teacher layers 0-9 and 20-29 (20 of 30; ``--layers``), initialised from the teacher by
+   :func:`tad_torchtune.models.student_init.init_student_from_teacher`: removing the middle third is the damage
    that distillation has to repair.
 4. The same student is trained three times with the real ``knowledge_distillation_tad`` recipe
    (:class:`~tad_torchtune.recipes.kd_tad.KDTADRecipe`, in this process), same data order, steps and
@@ -63,7 +63,6 @@ class DemoOptions:
     seed: int = 0
     keep_checkpoints: bool = False
     plot: bool = True
-    progress: bool = True
 
 
 @dataclass
@@ -209,7 +208,7 @@ def _say(opts: DemoOptions, message: str) -> None:
 
 
 def build_student(opts: DemoOptions, teacher_state_dict: dict[str, torch.Tensor]) -> tuple[nn.Module, list[int]]:
-    """The student: every other teacher layer (``--layers``), initialised from the teacher's weights."""
+    """The student: the teacher layers ``--layers`` selects, initialised from the teacher's weights."""
     from tad_torchtune.demo.smollm2 import SmolLMConfig, smollm2
     from tad_torchtune.models.student_init import init_student_from_teacher, select_layers
 
@@ -218,7 +217,7 @@ def build_student(opts: DemoOptions, teacher_state_dict: dict[str, torch.Tensor]
     intermediate = opts.intermediate_dim or arch.intermediate_dim
     student = smollm2(num_layers=len(layers), intermediate_dim=intermediate, max_seq_len=opts.seq_len)
     # Attention, norms and the (tied) embedding are copied; the MLP is copied too (its leading slice when
-    # --intermediate-dim narrows it), so the student starts as the teacher with half its layers removed.
+    # --intermediate-dim narrows it), so the student starts as the teacher with the other layers removed.
     init_student_from_teacher(student, teacher_state_dict, layers, copy_mlp=True)
     return student, layers
 

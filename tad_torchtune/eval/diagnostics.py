@@ -1,6 +1,7 @@
 r"""The paper's diagnostics: held-out KL (Figure 1) and the teacher's tail mass (Figure 2).
 
-Functions (used by the recipe's in-training hooks, the demo and ``tad-tune diagnose``):
+Functions (used by the demo, from a recipe callback's ``on_step_end`` (:func:`tad_torchtune.recipes.kd_tad.run`),
+and by ``tad-tune diagnose``):
 
 - :func:`heldout_metrics`: mean per-token ``KL(p_T || p_S)``, student and teacher perplexity and top-1
   agreement on held-out batches.
@@ -141,7 +142,7 @@ def teacher_tail_stats(
     r"""The teacher's tail mass :math:`\alpha_K` and arg-max error rate (the paper's Figure 2).
 
     For every valid position, :math:`\alpha_K = 1 - \sum_{i \in S_K} p_{T,i}`, where :math:`S_K` holds the
-    teacher's K most probable tokens (TAD_SPEC §1). The paper reports that the teacher's arg-max differs
+    teacher's K most probable tokens (docs/spec.md §1). The paper reports that the teacher's arg-max differs
     from the true next token at 39-46% of positions on Regmix validation text.
 
     Args:
@@ -206,7 +207,7 @@ def teacher_tail_stats(
 
 
 class HeldoutKLTracker:
-    """Run :func:`heldout_metrics` every ``every_n_steps`` steps and append rows to a CSV (an in-training hook).
+    """Run :func:`heldout_metrics` every ``every_n_steps`` steps and append rows to a CSV (from a recipe callback).
 
     Args:
         batches (Sequence[Mapping[str, torch.Tensor]]): the held-out batches (kept in memory; a few suffice).

@@ -7,7 +7,7 @@ chunk by chunk *during the forward* and kept in the input dtype, so no ``[B, S, 
 saved for backward (the memory profile of Liger's chunked losses, and leaner than torchtune's chunked
 KL, whose autograd graph keeps two fp32 copies of every chunk until backward).
 
-This module imports only ``torch`` (DESIGN.md, "Boundaries").
+This module imports only ``torch`` (docs/design.md, "Boundaries").
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ class ChunkedDivergenceLoss(nn.Module):
                     f"chunks cover [B={student_chunks[0].size(0)}, S={sum(sizes)}] positions but labels are "
                     f"{tuple(labels.shape)}; labels must be [B, S] aligned with the logits"
                 )
-            # Split the labels by the chunks' own sizes, never by re-chunking (TAD_SPEC §3.7).
+            # Split the labels by the chunks' own sizes, never by re-chunking (docs/spec.md §3.7).
             label_chunks = list(labels.split(sizes, dim=1))
         else:
             s, t = student_logits, teacher_logits
@@ -309,7 +309,7 @@ class ChunkedDivergenceLoss(nn.Module):
         Args:
             student_logits (torch.Tensor | list[torch.Tensor]): ``[B, S, V]`` or chunks ``[B, S_c, V]``.
             teacher_logits (torch.Tensor | list[torch.Tensor]): same layout, ``[..., V_T]`` with
-                ``V_T >= V``; rows past ``V`` are cut before any softmax (TAD_SPEC §3.6).
+                ``V_T >= V``; rows past ``V`` are cut before any softmax (docs/spec.md §3.6).
             labels (torch.Tensor): ``[B, S]`` next-token labels aligned with the logits; positions equal
                 to ``ignore_index`` are skipped.
             normalize (bool): divide by the number of valid positions (0 valid gives 0). Default: True

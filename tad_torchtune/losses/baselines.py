@@ -1,4 +1,4 @@
-r"""The paper's baseline divergences behind TADLoss's interface and chunk loop (TAD_SPEC §4).
+r"""The paper's baseline divergences behind TADLoss's interface and chunk loop (docs/spec.md §4).
 
 Switching a run between them is one line of YAML (``kd_loss._component_``). Every loss here returns a
 *true* divergence (zero when the student equals the teacher); torchtune 0.6.1's ``ForwardKLLoss`` returns

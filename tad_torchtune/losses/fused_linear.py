@@ -17,9 +17,9 @@ Per slice, with student logits ``Z = H Wᵀ + b`` and ``G = ∂L/∂Z`` (``[N, V
     \partial L/\partial b \mathrel{+}= \textstyle\sum_n G_n,
 
 with the weight gradient accumulated in fp32 across slices (a bf16 accumulator loses low-order bits
-over many slices: peers.md §14.4).
+over many slices: docs/spec.md §3.8).
 
-**w(X) needs every position's teacher tail mass first** (paper Eq. 4, TAD_SPEC §3.7). Two schedules, both
+**w(X) needs every position's teacher tail mass first** (paper Eq. 3, docs/spec.md §3.7). Two schedules, both
 exact (tested equal):
 
 * **Whole rows, one pass** (every row's valid positions fit in ``chunk_size``, e.g. S = 2048 with
@@ -154,7 +154,7 @@ class FusedLinearDistillationLoss(nn.Module):
             student_weight (torch.Tensor): ``[V, D_s]`` output projection (or tied embedding) weight.
             teacher_hidden (torch.Tensor): ``[B, S, D_t]``, no gradient is ever computed for it.
             teacher_weight (torch.Tensor): ``[V_T, D_t]`` with ``V_T >= V``; rows past ``V`` are cut before
-                the matmul (TAD_SPEC §3.6), no gradient.
+                the matmul (docs/spec.md §3.6), no gradient.
             labels (torch.Tensor): ``[B, S]`` next-token labels (already shifted); ``ignore_index`` skipped.
             student_bias (torch.Tensor | None): ``[V]``. Default: None
             teacher_bias (torch.Tensor | None): ``[V_T]``. Default: None

@@ -1,4 +1,4 @@
-r"""Plain reference implementations, written to read like the definitions (TAD_SPEC §1-2).
+r"""Plain reference implementations, written to read like the definitions (docs/spec.md §1-2).
 
 fp64 by default, full tensors, no chunking, no closed-form gradients: gradients come from autograd. Used only
 by the tests and benchmarks to check the production losses, never by training code. Every function takes
@@ -42,7 +42,7 @@ def tad_reference(
     return_terms: bool = False,
     dtype: torch.dtype = torch.float64,
 ):
-    """TAD's L_DIV by the definitions of TAD_SPEC §1-2, in fp64.
+    """TAD's L_DIV by the definitions of docs/spec.md §1-2, in fp64.
 
     Args:
         student_logits (torch.Tensor): ``[B, S, V]``.

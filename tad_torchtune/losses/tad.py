@@ -1,4 +1,4 @@
-r"""Tail-Aware Distillation loss (arXiv 2602.20816, Eq. 3-6; conventions of ``docs/TAD_SPEC.md``).
+r"""Tail-Aware Distillation loss (arXiv 2602.20816, Eq. 2-6; conventions of ``docs/spec.md``).
 
 For one position with teacher top-K set :math:`S_K` (by teacher probability), teacher tail mass
 :math:`\alpha_T = 1 - \sum_{i \in S_K} p_{T,i}` and student mass :math:`\alpha_S` on the same tail:
@@ -11,7 +11,7 @@ For one position with teacher top-K set :math:`S_K` (by teacher probability), te
 
     L_{DIV} = D_{KL1} + w(X)\, \alpha_T\, D_{KL2}, \qquad w(X) = \frac{\beta}{\tfrac1N \sum_t \alpha_T(t)}.
 
-``KL = D_KL1 + α_T·D_KL2`` exactly (paper Eq. 3), so the code computes ``L_DIV = KL + (w − 1)·α_T·D_KL2``
+``KL = D_KL1 + α_T·D_KL2`` exactly (paper Eq. 2), so the code computes ``L_DIV = KL + (w − 1)·α_T·D_KL2``
 and the gradient of paper Eq. 6 in closed form, chunk by chunk, during the forward.
 """
 
@@ -88,7 +88,7 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TADLoss(ChunkedDivergenceLoss):
-    r"""Tail-Aware Distillation divergence :math:`L_{DIV}` (paper Eq. 4; CE is the recipe's job).
+    r"""Tail-Aware Distillation divergence :math:`L_{DIV}` (paper Eq. 3; the recipe adds CE, Eq. 4).
 
     A drop-in for torchtune's ``kd_loss`` slot (``kd_loss._component_=tad_torchtune.TADLoss``).
 
@@ -110,7 +110,7 @@ class TADLoss(ChunkedDivergenceLoss):
         labels ``[B, S]``; returns a 0-d fp32 tensor.
 
     .. note::
-        A *row* of the batch is a sequence X (TAD_SPEC §3.1): w(X) is never shared across rows,
+        A *row* of the batch is a sequence X (docs/spec.md §3.1): w(X) is never shared across rows,
         micro-batches or ranks, so it needs no communication. The student's mass is always taken on the
         *teacher's* top-K ids. Gradients flow to the student logits only.
 
@@ -175,7 +175,7 @@ class TADLoss(ChunkedDivergenceLoss):
             probs.scatter_(-1, topk_idx, top)  # restore p_T for the divergence pass
             return _TeacherPass(topk_idx, alpha, log_pt, probs)
         probs = torch._softmax(teacher, -1, False, out=self._buffer("prepare", teacher))
-        # Tail mass as a sum over the tail entries (TAD_SPEC §3.5): no cancellation when the top-K holds
+        # Tail mass as a sum over the tail entries (docs/spec.md §3.5): no cancellation when the top-K holds
         # nearly all the mass; it is 0 only when every tail probability underflows fp32.
         alpha = probs.scatter_(-1, topk_idx, 0.0).sum(-1)
         return _TeacherPass(topk_idx, alpha)
@@ -196,7 +196,7 @@ class TADLoss(ChunkedDivergenceLoss):
         valid_chunks: list[torch.Tensor],
         num_rows: int,
     ) -> list[_TeacherPass]:
-        """w(X) of every position (paper Eq. 4) from the first pass's α_T: ``β / mean α_T`` over each row's
+        """w(X) of every position (paper Eq. 3) from the first pass's α_T: ``β / mean α_T`` over each row's
         valid positions. ``row_ids[i]`` is the ``[N_i]`` row (sequence) of each position of chunk ``i``, so
         the chunks may hold any positions of any rows (e.g. only the valid ones). Sets ``_prepared_stats``."""
         device = items[0].alpha.device
@@ -261,7 +261,7 @@ class TADLoss(ChunkedDivergenceLoss):
         kl = topk_kl + tail_kl
         del kl_terms
 
-        # Student mass on the teacher's tail, α_S (TAD_SPEC §3.5), from p_S written over b.
+        # Student mass on the teacher's tail, α_S (docs/spec.md §3.5), from p_S written over b.
         ps = torch.exp(log_ps, out=b)
         ps_top = ps.gather(-1, idx)
         alpha_s = ps.scatter_(-1, idx, 0.0).sum(-1)  # top-K entries of b are now 0, rewritten below

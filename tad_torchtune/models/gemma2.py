@@ -1,6 +1,6 @@
 """Gemma-2 for torchtune, matching Hugging Face ``Gemma2ForCausalLM`` (fixes torchtune 0.6.1's Gemma-2).
 
-torchtune 0.6.1's ``gemma2`` gets four things wrong for HF checkpoints (research notes §5):
+torchtune 0.6.1's ``gemma2`` gets four things wrong for HF checkpoints (read in its ``torchtune/models/gemma2/``):
 
 1. Its HF weight map swaps ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``
    (torchtune#2850). :func:`gemma2_hf_to_tune` maps ``pre_feedforward_layernorm -> mlp_norm`` (applied

@@ -9,7 +9,7 @@
   frozen.
 * ``...students.gemma2_student_2b`` (Gemma2-9B -> 2B, 2.151B): every third layer (14 of 42), embeddings frozen.
 
-Notes on Table 8 as printed (PAPER_FACTS.md):
+Notes on Table 8 as printed (docs/paper_facts.md §2):
 
 * Qwen1.5 1.2B: 1.161B with untied embeddings (Qwen1.5-1.8B's own layout), i.e. "1.2B" rounded; tied it
   would be 0.93B. The 0.5B student has exactly Qwen1.5-0.5B's dims (0.464B, the paper's "about 475M").

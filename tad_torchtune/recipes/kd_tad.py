@@ -193,8 +193,7 @@ class KDTADRecipe(FTRecipeInterface):
         self._use_teacher = self._kd_weight != 0 or self._cosine_weight != 0
 
         # --- training loop ---
-        self.seed = training.set_seed(seed=cfg.seed)
-        self._seed = int(cfg.seed) if cfg.seed is not None else self.seed
+        self._seed = training.set_seed(seed=cfg.seed)  # cfg.seed, or the random seed drawn (same on every rank)
         self.total_epochs = int(cfg.epochs)
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
         self._gradient_accumulation_steps = int(cfg.gradient_accumulation_steps)

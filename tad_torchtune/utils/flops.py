@@ -1,6 +1,6 @@
 r"""FLOPs per token of a distillation step, utilisation, a matmul peak probe, and ``tad-tune flops``.
 
-Counting convention (the one behind the paper's "9.2 vs 9.3 PFLOPs per 1M tokens", TAD_SPEC §5):
+Counting convention (the one behind the paper's "9.2 vs 9.3 PFLOPs per 1M tokens", docs/spec.md §5):
 2 FLOPs per multiply-accumulate of every matmul; a backward pass costs twice its forward (gradients with
 respect to inputs and to weights); the frozen teacher only runs forward; the embedding lookup is free.
 Per layer and token, with model width ``D``, ``H`` query heads and ``H_kv`` key/value heads of size ``d_h``,
@@ -42,7 +42,6 @@ __all__ = [
     "forward_flops_per_token",
     "measure_matmul_peak",
     "parse_peak_flops",
-    "utilisation",
     "main",
 ]
 
@@ -300,20 +299,6 @@ def parse_peak_flops(value: Any, key: str = "peak_flops") -> float | None:
     if not math.isfinite(peak) or peak <= 0:
         raise ValueError(f"{key}={value!r} must be a finite FLOP/s value > 0; {fix}")
     return peak
-
-
-def utilisation(
-    num_tokens: float, seconds: float, flops_per_token: float, peak_flops: float | None
-) -> dict[str, float]:
-    """Achieved FLOP/s (and model FLOP utilisation against ``peak_flops`` when given) of a timed span.
-
-    Returns ``{"tokens_per_s", "flops_per_s", "mfu"}`` (``mfu`` only with a peak).
-    """
-    tps = num_tokens / seconds if seconds > 0 else 0.0
-    out = {"tokens_per_s": tps, "flops_per_s": tps * flops_per_token}
-    if peak_flops:
-        out["mfu"] = out["flops_per_s"] / peak_flops
-    return out
 
 
 def measure_matmul_peak(

@@ -1,4 +1,8 @@
-"""A tiny self-contained tokenizer for data tests: one id per UTF-8 byte, after pad/BOS/EOS (and optional extras)."""
+"""A tiny self-contained tokenizer for data tests: one id per UTF-8 byte, after pad/BOS/EOS (and optional extras).
+
+Not the package's :class:`tad_torchtune.training.ByteTokenizer` (bytes first, then BOS/EOS/PAD; no options): the
+data tests need the knobs below (ids past 65535, a permuted or extended vocabulary, a changed fingerprint).
+"""
 
 from __future__ import annotations
 

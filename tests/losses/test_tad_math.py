@@ -1,4 +1,4 @@
-"""TAD's maths (TAD_SPEC §1-3, paper Eq. 3-6): identities, the closed-form gradient, temperature,
+"""TAD's maths (docs/spec.md §1-3, paper Eq. 2-6): identities, the closed-form gradient, temperature,
 numerically hard teachers and students, per-row weighting, statistics, and a recorded value."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _grad(loss_fn, student, *args, **kwargs):
 def test_identity_kl_equals_dkl1_plus_alpha_dkl2():
     student, teacher, labels = _random()
     _, terms = tad_reference(student, teacher, labels, top_k=5, return_terms=True)
-    # The fp64 reference computes KL directly and D_KL1, D_KL2 from their definitions (paper Eq. 3).
+    # The fp64 reference computes KL directly and D_KL1, D_KL2 from their definitions (paper Eq. 2).
     torch.testing.assert_close(terms["kl"], terms["dkl1"] + terms["alpha_t"] * terms["dkl2"], rtol=1e-12, atol=1e-12)
     loss_fn = TADLoss(top_k=5)
     loss_fn(student, teacher, labels)
@@ -98,7 +98,7 @@ def test_gradient_is_paper_eq6_closed_form(tau, normalize_beta):
 
 
 def test_temperature_scaling():
-    """τ divides both logits before everything (α included) and the value carries τ² (TAD_SPEC §3.4):
+    """τ divides both logits before everything (α included) and the value carries τ² (docs/spec.md §3.4):
     L_τ(s, t) = τ²·L_1(s/τ, t/τ) and ∇_s L_τ(s, t) = τ·(∇L_1)(s/τ, t/τ)."""
     student, teacher, labels = _random()
     tau = 2.0

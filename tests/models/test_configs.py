@@ -17,7 +17,7 @@ from tad_torchtune.models.students import STUDENT_INIT
 from tad_torchtune.validate import validate_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# paper experiments (PAPER_FACTS.md): config -> (GPUs in the paper, lr, sequences per optimizer step, top_k)
+# paper experiments (docs/paper_facts.md §1): config -> (GPUs in the paper, lr, sequences per optimizer step)
 PAPER = {
     "qwen1.5_1.8b_to_0.5b": (1, 1e-4, 128),
     "phi2_to_1.1b": (1, 1e-4, 128),

@@ -6,19 +6,17 @@ import json
 
 import pytest
 import torch
+import transformers
+from torchtune.models.llama3 import llama3
+from torchtune.models.llama3_1 import llama3_1
+from torchtune.models.llama3_2 import llama3_2
+from torchtune.models.phi3 import phi3
+from torchtune.models.qwen2 import qwen2
 
-transformers = pytest.importorskip("transformers")
-
-from torchtune.models.llama3 import llama3  # noqa: E402
-from torchtune.models.llama3_1 import llama3_1  # noqa: E402
-from torchtune.models.llama3_2 import llama3_2  # noqa: E402
-from torchtune.models.phi3 import phi3  # noqa: E402
-from torchtune.models.qwen2 import qwen2  # noqa: E402
-
-from tad_torchtune.models.export import export_hf, load_weights, main  # noqa: E402
-from tad_torchtune.models.gemma2 import gemma2  # noqa: E402
-from tad_torchtune.models.phi2 import phi2  # noqa: E402
-from tad_torchtune.models.qwen3 import qwen3  # noqa: E402
+from tad_torchtune.models.export import export_hf, load_weights, main
+from tad_torchtune.models.gemma2 import gemma2
+from tad_torchtune.models.phi2 import phi2
+from tad_torchtune.models.qwen3 import qwen3
 
 V, S = 80, 12
 

@@ -11,20 +11,18 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
+from torchtune.models.llama2 import llama2
+from torchtune.models.llama3_1 import llama3_1
+from torchtune.models.llama3_2 import llama3_2
+from torchtune.models.phi3 import phi3
+from torchtune.models.qwen2 import qwen2
 
-transformers = pytest.importorskip("transformers")
-
-from torchtune.models.llama2 import llama2  # noqa: E402
-from torchtune.models.llama3_1 import llama3_1  # noqa: E402
-from torchtune.models.llama3_2 import llama3_2  # noqa: E402
-from torchtune.models.phi3 import phi3  # noqa: E402
-from torchtune.models.qwen2 import qwen2  # noqa: E402
-
-from tad_torchtune.models.checkpointer import HFCheckpointer  # noqa: E402
-from tad_torchtune.models.gemma2 import gemma2  # noqa: E402
-from tad_torchtune.models.phi2 import phi2  # noqa: E402
-from tad_torchtune.models.qwen3 import qwen3  # noqa: E402
+from tad_torchtune.models.checkpointer import HFCheckpointer
+from tad_torchtune.models.gemma2 import gemma2
+from tad_torchtune.models.phi2 import phi2
+from tad_torchtune.models.qwen3 import qwen3
 
 V, D, L, H, S = 96, 64, 3, 4, 16
 COMMON = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, max_position_embeddings=64)

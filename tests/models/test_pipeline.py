@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from omegaconf import OmegaConf
 
-transformers = pytest.importorskip("transformers")
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from tad_torchtune.models.export import load_weights  # noqa: E402
-from tad_torchtune.models.student_init import main as init_main  # noqa: E402
-from tad_torchtune.training.tiny import write_tiny_assets  # noqa: E402
-from tests.recipes.conftest import TINY_CONFIG, run_in_process  # noqa: E402
+from tad_torchtune.models.export import load_weights
+from tad_torchtune.models.student_init import main as init_main
+from tad_torchtune.training.tiny import write_tiny_assets
+from tests.recipes.conftest import TINY_CONFIG, run_in_process
 
 pytestmark = pytest.mark.integration_test
 
