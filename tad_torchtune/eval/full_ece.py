@@ -62,12 +62,12 @@ class FullECE:
         """Accumulate already-normalised probabilities ``[N, V]`` for labels ``[N]`` (no ignored entries)."""
         m = self.n_bins
         dev = probs.device
-        b = self._bin(probs)  # [N, V]
-        # Only entries with p >= 1/M leave bin 0 and a row has at most M of them, so bin those sparsely and get
-        # bin 0's mass as the total minus the rest. index_add_ into float64 (bincount of an empty input is int64).
-        high = b > 0
+        # Only entries with p * M >= 1 leave bin 0 and a row has at most M of them, so bin those sparsely (never
+        # the whole [N, V]) and get bin 0's mass as the total minus the rest. index_add_ into float64 (bincount
+        # of an empty input is int64).
+        high_p = probs[probs * m >= 1]
         mass = torch.zeros(m, dtype=torch.float64, device=dev)
-        mass.index_add_(0, b[high], probs[high].double())
+        mass.index_add_(0, self._bin(high_p), high_p.double())
         mass[0] = probs.sum(dtype=torch.float64) - mass[1:].sum()
         p_y = probs.gather(-1, labels[:, None]).squeeze(-1)  # [N]
         hits = torch.zeros(m, dtype=torch.float64, device=dev)

@@ -175,9 +175,9 @@ class _Sums:
         self.fkl += float((p_t * diff).sum())
         self.rkl -= float((p_s * diff).sum())
         self.nll -= float(lp_s.gather(-1, y[:, None]).sum())
-        self.agree += float((lp_s.argmax(-1) == lp_t.argmax(-1)).sum())
         self.ece.update_probs(p_s, y)
         top = lp_t.topk(int(self.cols.max()) + 1, dim=-1).indices  # the teacher's top-K sets, nested in K
+        self.agree += float((lp_s.argmax(-1) == top[:, 0]).sum())
         self.alpha_t += (1 - p_t.gather(-1, top).cumsum(-1)[:, self.cols]).double().sum(0)
         self.alpha_s += (1 - p_s.gather(-1, top).cumsum(-1)[:, self.cols]).double().sum(0)
         self.count += y.numel()
@@ -242,7 +242,7 @@ def evaluate_student(
                 if logits.size(-1) != vocab:
                     raise ValueError(f"student vocabulary {logits.size(-1)} != the reference's {vocab}")
                 lp_s = F.log_softmax(logits.reshape(-1, vocab), -1)  # [b*S, V]
-                lp_t = torch.from_numpy(np.asarray(reference.logp[i * s : (i + b) * s], dtype=np.float32))
+                lp_t = torch.from_numpy(np.array(reference.logp[i * s : (i + b) * s])).float()  # fp16 copy, then fp32
                 sums.add(lp_s, lp_t, eval_set.labels[i : i + b].reshape(-1))
                 i += b
             out[stop] = sums.result()
