@@ -74,7 +74,7 @@ class EvalSet:
 def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """``[B, S, V]`` float32 logits of a torchtune decoder (chunked outputs are joined)."""
     device = next(model.parameters()).device
-    return torch.cat([c.float() for c in as_chunks(model(tokens.to(device)))], dim=1).cpu()
+    return torch.cat([c.float() for c in as_chunks(model(tokens.to(device)))], dim=1)
 
 
 class TeacherReference:
@@ -124,7 +124,7 @@ class TeacherReference:
         teacher.eval()
         try:
             for i in range(0, n, batch_size):
-                lp = F.log_softmax(_logits(teacher, eval_set.tokens[i : i + batch_size])[..., :vocab_size], -1)
+                lp = F.log_softmax(_logits(teacher, eval_set.tokens[i : i + batch_size])[..., :vocab_size], -1).cpu()
                 lp = lp.reshape(-1, vocab_size)  # [b*S, V]
                 y = eval_set.labels[i : i + batch_size].reshape(-1)
                 nll -= float(lp.gather(-1, y[:, None]).sum())
@@ -178,8 +178,9 @@ class _Sums:
         self.ece.update_probs(p_s, y)
         top = lp_t.topk(int(self.cols.max()) + 1, dim=-1).indices  # the teacher's top-K sets, nested in K
         self.agree += float((lp_s.argmax(-1) == top[:, 0]).sum())
-        self.alpha_t += (1 - p_t.gather(-1, top).cumsum(-1)[:, self.cols]).double().sum(0)
-        self.alpha_s += (1 - p_s.gather(-1, top).cumsum(-1)[:, self.cols]).double().sum(0)
+        cols = self.cols.to(top.device)
+        self.alpha_t += (1 - p_t.gather(-1, top).cumsum(-1)[:, cols]).double().sum(0).cpu()
+        self.alpha_s += (1 - p_s.gather(-1, top).cumsum(-1)[:, cols]).double().sum(0).cpu()
         self.count += y.numel()
 
     def result(self) -> dict[str, float]:
@@ -242,8 +243,9 @@ def evaluate_student(
                 if logits.size(-1) != vocab:
                     raise ValueError(f"student vocabulary {logits.size(-1)} != the reference's {vocab}")
                 lp_s = F.log_softmax(logits.reshape(-1, vocab), -1)  # [b*S, V]
-                lp_t = torch.from_numpy(np.array(reference.logp[i * s : (i + b) * s])).float()  # fp16 copy, then fp32
-                sums.add(lp_s, lp_t, eval_set.labels[i : i + b].reshape(-1))
+                # The metrics run where the student is (the GPU profile); the fp16 reference is copied there.
+                lp_t = torch.from_numpy(np.array(reference.logp[i * s : (i + b) * s])).to(lp_s.device).float()
+                sums.add(lp_s, lp_t, eval_set.labels[i : i + b].reshape(-1).to(lp_s.device))
                 i += b
             out[stop] = sums.result()
     finally:

@@ -7,9 +7,12 @@ Every builder here is usable from YAML by ``_component_`` path, e.g.
 """
 
 from tad_torchtune.models.builders import (
+    gemma2_2b,
+    gemma2_9b,
     llama2_7b,
     llama3_1_8b,
     llama3_2_1b,
+    phi2_2_7b,
     phi3_medium,
     phi3_mini,
     qwen1_5_0_5b,
@@ -18,12 +21,17 @@ from tad_torchtune.models.builders import (
     qwen2_5_1_5b,
     qwen2_5_3b,
     qwen2_5_7b,
+    qwen3_0_6b,
+    qwen3_1_7b,
+    qwen3_4b,
+    qwen3_8b,
+    qwen3_14b,
     tinyllama_1_1b,
 )
 from tad_torchtune.models.checkpointer import HFCheckpointer
-from tad_torchtune.models.gemma2 import gemma2, gemma2_2b, gemma2_9b
-from tad_torchtune.models.phi2 import phi2, phi2_2_7b
-from tad_torchtune.models.qwen3 import qwen3, qwen3_0_6b, qwen3_1_7b, qwen3_4b, qwen3_8b, qwen3_14b
+from tad_torchtune.models.gemma2 import gemma2
+from tad_torchtune.models.phi2 import phi2
+from tad_torchtune.models.qwen3 import qwen3
 from tad_torchtune.models.student_init import init_student_from_teacher, select_layers
 from tad_torchtune.models.students import (
     gemma2_student_2b,

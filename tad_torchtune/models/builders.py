@@ -113,3 +113,43 @@ def qwen2_5_1_5b(max_seq_len: int = 131072) -> TransformerDecoder:
 def qwen2_5_0_5b(max_seq_len: int = 32768) -> TransformerDecoder:
     """Qwen2.5-0.5B (``Qwen/Qwen2.5-0.5B``): 24 layers, D=896, 14/2 heads, FFN 4864, tied, V=151936."""
     return build("qwen2_5_0_5b", max_seq_len=max_seq_len)
+
+
+def gemma2_9b(max_seq_len: int = 8192, attn_impl: str = "eager") -> TransformerDecoder:
+    """Gemma-2-9B (``google/gemma-2-9b``): 42 layers, D=3584, 16/8 heads of 256, FFN 14336, V=256000."""
+    return build("gemma2_9b", max_seq_len=max_seq_len, attn_impl=attn_impl)
+
+
+def gemma2_2b(max_seq_len: int = 8192, attn_impl: str = "eager") -> TransformerDecoder:
+    """Gemma-2-2B (``google/gemma-2-2b``): 26 layers, D=2304, 8/4 heads of 256, FFN 9216, V=256000."""
+    return build("gemma2_2b", max_seq_len=max_seq_len, attn_impl=attn_impl)
+
+
+def phi2_2_7b(max_seq_len: int = 2048) -> TransformerDecoder:
+    """Phi-2 (``microsoft/phi-2``, 2.78B): 32 layers, D=2560, 32 heads, FFN 10240, V=51200."""
+    return build("phi2_2_7b", max_seq_len=max_seq_len)
+
+
+def qwen3_0_6b(max_seq_len: int = 40960) -> TransformerDecoder:
+    """Qwen3-0.6B (``Qwen/Qwen3-0.6B-Base``): 28 layers, D=1024, 16/8 heads of 128, FFN 3072, tied."""
+    return build("qwen3_0_6b", max_seq_len=max_seq_len)
+
+
+def qwen3_1_7b(max_seq_len: int = 40960) -> TransformerDecoder:
+    """Qwen3-1.7B (``Qwen/Qwen3-1.7B-Base``): 28 layers, D=2048, 16/8 heads of 128, FFN 6144, tied."""
+    return build("qwen3_1_7b", max_seq_len=max_seq_len)
+
+
+def qwen3_4b(max_seq_len: int = 40960) -> TransformerDecoder:
+    """Qwen3-4B (``Qwen/Qwen3-4B-Base``): 36 layers, D=2560, 32/8 heads of 128, FFN 9728, tied."""
+    return build("qwen3_4b", max_seq_len=max_seq_len)
+
+
+def qwen3_8b(max_seq_len: int = 40960) -> TransformerDecoder:
+    """Qwen3-8B (``Qwen/Qwen3-8B-Base``): 36 layers, D=4096, 32/8 heads of 128, FFN 12288, untied."""
+    return build("qwen3_8b", max_seq_len=max_seq_len)
+
+
+def qwen3_14b(max_seq_len: int = 40960) -> TransformerDecoder:
+    """Qwen3-14B (``Qwen/Qwen3-14B-Base``): 40 layers, D=5120, 40/8 heads of 128, FFN 17408, untied."""
+    return build("qwen3_14b", max_seq_len=max_seq_len)

@@ -40,8 +40,6 @@ __all__ = [
     "Gemma2Attention",
     "SoftcappedTiedLinear",
     "gemma2",
-    "gemma2_9b",
-    "gemma2_2b",
     "gemma2_hf_to_tune",
     "gemma2_tune_to_hf",
 ]
@@ -317,20 +315,6 @@ def gemma2(
         norm=GemmaRMSNorm(embed_dim, eps=norm_eps),
         output=SoftcappedTiedLinear(tok_embeddings, final_logit_softcapping),
     )
-
-
-def gemma2_9b(max_seq_len: int = 8192, attn_impl: str = "eager") -> TransformerDecoder:
-    """Gemma-2-9B (``google/gemma-2-9b``): 42 layers, D=3584, 16/8 heads of 256, FFN 14336, V=256000."""
-    from tad_torchtune.models.registry import build
-
-    return build("gemma2_9b", max_seq_len=max_seq_len, attn_impl=attn_impl)
-
-
-def gemma2_2b(max_seq_len: int = 8192, attn_impl: str = "eager") -> TransformerDecoder:
-    """Gemma-2-2B (``google/gemma-2-2b``): 26 layers, D=2304, 8/4 heads of 256, FFN 9216, V=256000."""
-    from tad_torchtune.models.registry import build
-
-    return build("gemma2_2b", max_seq_len=max_seq_len, attn_impl=attn_impl)
 
 
 _FROM_HF = {

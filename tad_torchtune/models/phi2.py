@@ -31,7 +31,6 @@ __all__ = [
     "PartialRotaryPositionalEmbeddings",
     "PhiParallelLayer",
     "phi2",
-    "phi2_2_7b",
     "phi2_hf_to_tune",
     "phi2_tune_to_hf",
 ]
@@ -144,13 +143,6 @@ def phi2(
         norm=nn.LayerNorm(embed_dim, eps=norm_eps),
         output=nn.Linear(embed_dim, vocab_size, bias=True),
     )
-
-
-def phi2_2_7b(max_seq_len: int = 2048) -> TransformerDecoder:
-    """Phi-2 (``microsoft/phi-2``, 2.78B): 32 layers, D=2560, 32 heads, FFN 10240, V=51200."""
-    from tad_torchtune.models.registry import build
-
-    return build("phi2_2_7b", max_seq_len=max_seq_len)
 
 
 _FROM_HF = {

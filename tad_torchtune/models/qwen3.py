@@ -52,11 +52,6 @@ from torchtune.modules import (
 __all__ = [
     "Qwen3Attention",
     "qwen3",
-    "qwen3_0_6b",
-    "qwen3_1_7b",
-    "qwen3_4b",
-    "qwen3_8b",
-    "qwen3_14b",
     "qwen3_hf_to_tune",
     "qwen3_tune_to_hf",
 ]
@@ -192,37 +187,6 @@ def qwen3(
         norm=RMSNorm(embed_dim, eps=norm_eps),
         output=output,
     )
-
-
-def _named(name: str, max_seq_len: int) -> TransformerDecoder:
-    from tad_torchtune.models.registry import build  # registry imports this module lazily: no cycle
-
-    return build(name, max_seq_len=max_seq_len)
-
-
-def qwen3_0_6b(max_seq_len: int = 40960) -> TransformerDecoder:
-    """Qwen3-0.6B (``Qwen/Qwen3-0.6B-Base``): 28 layers, D=1024, 16/8 heads of 128, FFN 3072, tied."""
-    return _named("qwen3_0_6b", max_seq_len)
-
-
-def qwen3_1_7b(max_seq_len: int = 40960) -> TransformerDecoder:
-    """Qwen3-1.7B (``Qwen/Qwen3-1.7B-Base``): 28 layers, D=2048, 16/8 heads of 128, FFN 6144, tied."""
-    return _named("qwen3_1_7b", max_seq_len)
-
-
-def qwen3_4b(max_seq_len: int = 40960) -> TransformerDecoder:
-    """Qwen3-4B (``Qwen/Qwen3-4B-Base``): 36 layers, D=2560, 32/8 heads of 128, FFN 9728, tied."""
-    return _named("qwen3_4b", max_seq_len)
-
-
-def qwen3_8b(max_seq_len: int = 40960) -> TransformerDecoder:
-    """Qwen3-8B (``Qwen/Qwen3-8B-Base``): 36 layers, D=4096, 32/8 heads of 128, FFN 12288, untied."""
-    return _named("qwen3_8b", max_seq_len)
-
-
-def qwen3_14b(max_seq_len: int = 40960) -> TransformerDecoder:
-    """Qwen3-14B (``Qwen/Qwen3-14B-Base``): 40 layers, D=5120, 40/8 heads of 128, FFN 17408, untied."""
-    return _named("qwen3_14b", max_seq_len)
 
 
 # HF name -> torchtune name ({} = layer index)
