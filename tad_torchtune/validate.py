@@ -267,14 +267,14 @@ class _Checker:
         for key in BOOL_KEYS:
             value = self.cfg.get(key)
             if value is not None and not isinstance(value, bool):
-                self.add(key, f"must be true or false, got {value!r}")
+                self.add(key, f"must be true or false, got {key}={value!r}")
         if self.cfg.get("peak_flops") is not None:
             from tad_torchtune.utils.flops import parse_peak_flops
 
             try:
                 parse_peak_flops(self.cfg.get("peak_flops"), "peak_flops")
             except ValueError as err:
-                self.add("peak_flops", str(err).removeprefix("peak_flops: ").removeprefix("peak_flops="))
+                self.add("peak_flops", str(err))
 
     def _component_default(self, key: str, arg: str) -> Any:
         """``cfg[key][arg]``, else the component's default for ``arg`` (None when unknown)."""
