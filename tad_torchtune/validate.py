@@ -60,6 +60,10 @@ COMPONENT_KEYS = (
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w]*)")
 
 
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
 @dataclass(frozen=True)
 class Num:
     """The type and range of one numeric config key (``None`` bound: unbounded on that side)."""
@@ -85,11 +89,11 @@ class Num:
         below = self.low is not None and ((value <= self.low) if self.low_strict else (value < self.low))
         if (below or (self.high is not None and value > self.high)) and self.low is not None and not self.low_strict:
             if self.high is not None:
-                return f"must be in [{self.low:g}, {self.high:g}], got {value!r}{self.hint}"
+                return f"must be in [{_fmt(self.low)}, {_fmt(self.high)}], got {value!r}{self.hint}"
         if below:
-            return f"must be {'>' if self.low_strict else '>='} {self.low:g}, got {value!r}{self.hint}"
+            return f"must be {'>' if self.low_strict else '>='} {_fmt(self.low)}, got {value!r}{self.hint}"
         if self.high is not None and value > self.high:
-            return f"must be <= {self.high:g}, got {value!r}{self.hint}"
+            return f"must be <= {_fmt(self.high)}, got {value!r}{self.hint}"
         return None
 
 
@@ -478,6 +482,10 @@ class _Checker:
                 config.instantiate(c, self.tokenizer) for c in (ds_cfg if isinstance(ds_cfg, ListConfig) else [ds_cfg])
             ]
             n = sum(len(p) for p in parts)
+        except StopIteration:  # HF datasets' json/csv builders on a source without records
+            files = _get(self.cfg, "dataset.data_files")
+            self.add("dataset", f"cannot build the dataset: its source {files or ''} holds no records (empty file?)")
+            return
         except Exception as err:
             self.add("dataset", f"cannot build the dataset ({_short(err)})")
             return
