@@ -104,15 +104,21 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     # --- the recipe: whose folder is it ---
     ("run new run in another's folder", _run(out="{W}/other_run"), ["another run", "resume_from_checkpoint=true"]),
     ("run resume 2-process run on 1", _run("resume_from_checkpoint=true", out="{W}/run2"), ["world size: 2 -> 1"]),
-    ("run resume batch_size drift", _run("resume_from_checkpoint=true", "batch_size=8", out="{W}/run2"),
-     ["batch_size: 4 -> 8"]),  # fmt: skip
+    (
+        "run resume batch_size drift",
+        _run("resume_from_checkpoint=true", "batch_size=8", out="{W}/run2"),
+        ["batch_size: 4 -> 8"],
+    ),
     ("run folder in use", _run("resume_from_checkpoint=true", out="{W}/locked"), ["in use by another run"]),
     # --- validate ---
     ("validate seed=abc", _val("seed=abc"), ["seed", "abc"]),
     ("validate clip_grad_norm=.nan", _val("clip_grad_norm=.nan"), ["clip_grad_norm", "finite"]),
     ("validate optimizer.lr=1e39", _val("optimizer.lr=1e39"), ["optimizer.lr"]),
-    ("validate pickled step checkpoint",
-     _val("resume_from_checkpoint={W}/evil_run/checkpoints/step_0000002"), ["refusing", "recipe_state.pt"]),  # fmt: skip
+    (
+        "validate pickled step checkpoint",
+        _val("resume_from_checkpoint={W}/evil_run/checkpoints/step_0000002"),
+        ["refusing", "recipe_state.pt"],
+    ),
     ("validate empty dataset", _val("dataset.data_files={W}/empty.jsonl"), ["no records"]),
     ("validate missing config", ["validate", "--config", "{W}/nope.yaml"], ["nope.yaml"]),
     ("validate 2-process resume", _val("resume_from_checkpoint=true", out="{W}/run2"), ["world size: 2 -> 1"]),
@@ -120,31 +126,90 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     ("eval taks=", ["run", "eval_tad", "--config", EVAL, "taks=[tiny_arith_mc]"], ["taks", "tasks"]),
     ("eval tasks=[]", ["run", "eval_tad", "--config", EVAL, "tasks=[]"], ["tasks", "empty"]),
     # --- export-hf ---
-    ("export-hf into a non-empty folder",
-     ["export-hf", "--config", TINY, "--weights", "{W}/assets/student/model.pt", "--out", "{W}/other_run",
-      "assets_dir={W}/assets"], ["non-empty", "--force"]),  # fmt: skip
-    ("export-hf missing weights",
-     ["export-hf", "--config", TINY, "--weights", "{W}/nope.pt", "--out", "{W}/fresh_export"], ["nope.pt"]),  # fmt: skip
-    ("export-hf missing config",
-     ["export-hf", "--config", "{W}/nope.yaml", "--weights", "{W}/x.pt", "--out", "{W}/fresh_export"], ["nope.yaml"]),  # fmt: skip
+    (
+        "export-hf into a non-empty folder",
+        [
+            "export-hf",
+            "--config",
+            TINY,
+            "--weights",
+            "{W}/assets/student/model.pt",
+            "--out",
+            "{W}/other_run",
+            "assets_dir={W}/assets",
+        ],
+        ["non-empty", "--force"],
+    ),
+    (
+        "export-hf missing weights",
+        ["export-hf", "--config", TINY, "--weights", "{W}/nope.pt", "--out", "{W}/fresh_export"],
+        ["nope.pt"],
+    ),
+    (
+        "export-hf missing config",
+        ["export-hf", "--config", "{W}/nope.yaml", "--weights", "{W}/x.pt", "--out", "{W}/fresh_export"],
+        ["nope.yaml"],
+    ),
     # --- tokenize ---
-    ("tokenize empty source",
-     ["tokenize", "--tokenizer", "tad_torchtune.training.byte_tokenizer", "--source", "{W}/empty.jsonl",
-      "--output", "{W}/fresh_tok/t.bin"], ["empty"]),  # fmt: skip
-    ("tokenize missing source",
-     ["tokenize", "--tokenizer", "tad_torchtune.training.byte_tokenizer", "--source", "{W}/nope.jsonl",
-      "--output", "{W}/fresh_tok/t.bin"], ["nope.jsonl"]),  # fmt: skip
-    ("tokenize bad tokenizer",
-     ["tokenize", "--tokenizer", "no.such.tokenizer", "--source", "{W}/assets/data/train.jsonl",
-      "--output", "{W}/fresh_tok/t.bin"], ["no.such.tokenizer"]),  # fmt: skip
+    (
+        "tokenize empty source",
+        [
+            "tokenize",
+            "--tokenizer",
+            "tad_torchtune.training.byte_tokenizer",
+            "--source",
+            "{W}/empty.jsonl",
+            "--output",
+            "{W}/fresh_tok/t.bin",
+        ],
+        ["empty"],
+    ),
+    (
+        "tokenize missing source",
+        [
+            "tokenize",
+            "--tokenizer",
+            "tad_torchtune.training.byte_tokenizer",
+            "--source",
+            "{W}/nope.jsonl",
+            "--output",
+            "{W}/fresh_tok/t.bin",
+        ],
+        ["nope.jsonl"],
+    ),
+    (
+        "tokenize bad tokenizer",
+        [
+            "tokenize",
+            "--tokenizer",
+            "no.such.tokenizer",
+            "--source",
+            "{W}/assets/data/train.jsonl",
+            "--output",
+            "{W}/fresh_tok/t.bin",
+        ],
+        ["no.such.tokenizer"],
+    ),
     # --- other commands ---
     ("plan missing config", ["plan", "--config", "{W}/nope.yaml"], ["nope.yaml"]),
     ("flops missing config", ["flops", "--config", "{W}/nope.yaml"], ["nope.yaml"]),
     ("flops unknown student", ["flops", "--student", "no_such_model"], ["no_such_model"]),
     ("init-student missing config", ["init-student", "--config", "{W}/nope.yaml"], ["nope.yaml"]),
-    ("diagnose missing text",
-     ["diagnose", "tail", "--config", TINY, "--text", "{W}/nope.jsonl", "--out", "{W}/fresh_diag",
-      "assets_dir={W}/assets"], ["nope.jsonl"]),  # fmt: skip
+    (
+        "diagnose missing text",
+        [
+            "diagnose",
+            "tail",
+            "--config",
+            TINY,
+            "--text",
+            "{W}/nope.jsonl",
+            "--out",
+            "{W}/fresh_diag",
+            "assets_dir={W}/assets",
+        ],
+        ["nope.jsonl"],
+    ),
 ]
 
 
