@@ -286,3 +286,62 @@ def test_compare_configs_sorts_keys_into_refused_and_changed():
     assert changed == ["epochs: 1 -> 3", "optimizer.lr: 0.001 -> 0.0001"]
     assert json.dumps(run_record("r", old, 1))  # JSON-serialisable, as the manifest needs
     assert OmegaConf.create(run_record("r", old, 1)["config"]) is not None
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.integration_test
+def test_torchrun_workers_stop_when_the_launcher_is_killed(assets, tmp_path):
+    """Before: SIGKILL of torchrun's agent left both ranks training unattended, writing checkpoints."""
+    from tests.reliability.conftest import REPO_ROOT, subprocess_env
+
+    trace = tmp_path / "trace.jsonl"
+    workers: list[int] = []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tests.reliability.fault_runner", "--config", str(TINY_CONFIG), f"assets_dir={assets}",
+           f"output_dir={tmp_path / 'run'}", "epochs=200", "max_steps_per_epoch=4", "save_every_n_steps=50",
+           "batch_size=2", "log_peak_memory_stats=false", "log_flops=false"]  # fmt: skip
+    agent = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=subprocess_env(TEST_TRACE_BATCHES=str(trace)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while (not trace.exists() or len(trace.read_text().splitlines()) < 4) and time.time() < deadline:
+            time.sleep(0.2)
+        assert trace.exists(), "the workers never reached step 1"
+        workers = [c for c in _children(agent.pid) if _alive(c)]
+        assert len(workers) == 2, workers
+        agent.kill()  # SIGKILL: the agent cannot stop its workers
+        agent.wait()
+        killed_at = time.time()
+        while any(_alive(w) for w in workers) and time.time() - killed_at < 30:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "workers kept training after their launcher died"
+        steps = len(trace.read_text().splitlines()) // 2
+        assert steps < 800  # stopped long before the end of the run
+        time.sleep(1)
+        assert len(trace.read_text().splitlines()) // 2 == steps  # and nothing ran after
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        for w in workers:  # never leave a worker behind, whatever the outcome
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
