@@ -93,7 +93,7 @@ def save_step_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         if name == FILES[0]:
-            fault_point("mid_checkpoint", step)  # crash tests only (TAD_FAULT_INJECT); no-op otherwise
+            fault_point("mid_checkpoint", step)  # a no-op unless a crash test installed a hook
     # The manifest (sizes + SHA-256) is written last: a folder without a valid one is never resumed from.
     write_manifest(tmp, step, run=run)
     fault_point("before_rename", step)
