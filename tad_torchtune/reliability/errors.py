@@ -40,6 +40,14 @@ def describe(err: BaseException) -> tuple[str, int]:
     A refusal keeps its own message (its first line when several: validation lists each problem on its own line,
     which stays); anything else is named as an unexpected error with its type.
     """
+    failures = getattr(err, "failures", None)
+    if type(err).__name__ == "ChildFailedError" and isinstance(failures, dict) and failures:
+        # torchrun's agent: the workers already printed their one message; say only how they ended.
+        codes = sorted({int(getattr(f, "exitcode", -1)) for f in failures.values()})
+        own = {c for c in codes if c > 0}  # negative: a signal, e.g. the agent's SIGTERM to the other workers
+        if own == {EXIT_REFUSED}:
+            return "a worker refused the input (its message is above); torchrun stopped the others", EXIT_REFUSED
+        return f"worker process(es) exited with code(s) {codes}; their output is above", EXIT_INTERNAL
     text = str(err).strip() or repr(err)
     if isinstance(err, StopIteration) or not isinstance(err, _refusal_types()):
         first = text.splitlines()[0] if text else ""

@@ -57,3 +57,26 @@ def test_tune_run_prints_one_line_and_debug_shows_the_traceback(world):
     proc = _cli([sys.executable, "-m", "tad_torchtune.recipes.kd_tad", *recipe, "seed=abc"], TAD_DEBUG="1")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "seed: must be an integer, got 'abc'" in proc.stderr
     assert not (world / "sub_out").exists()
+
+
+def test_describe_turns_errors_into_one_line_and_an_exit_code():
+    from types import SimpleNamespace
+
+    from tad_torchtune.reliability.errors import EXIT_INTERNAL, EXIT_REFUSED, describe
+
+    msg, code = describe(ValueError("seed: must be an integer, got 'abc'"))
+    assert code == EXIT_REFUSED and msg.startswith("seed: must be an integer, got 'abc' (add --debug")
+    msg, code = describe(KeyError("x"))
+    assert code == EXIT_INTERNAL and msg.startswith("unexpected error KeyError: 'x'")
+    msg, code = describe(StopIteration())
+    assert code == EXIT_INTERNAL and "StopIteration" in msg
+
+    class ChildFailedError(Exception):  # torchrun's agent: one worker refused, the other got its SIGTERM
+        failures = {0: SimpleNamespace(exitcode=-15), 1: SimpleNamespace(exitcode=1)}
+
+    msg, code = describe(ChildFailedError("====\nlong table"))
+    assert (
+        code == EXIT_REFUSED and msg == "a worker refused the input (its message is above); torchrun stopped the others"
+    )
+    ChildFailedError.failures = {0: SimpleNamespace(exitcode=3)}
+    assert describe(ChildFailedError())[1] == EXIT_INTERNAL
