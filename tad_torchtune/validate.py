@@ -512,6 +512,15 @@ class _Checker:
         if path.exists() and not path.is_dir():
             self.add("output_dir", f"{path} exists and is not a folder")
             return
+        from tad_torchtune.reliability.run_identity import RunLock
+
+        holder = RunLock.holder(path)
+        if holder is not None:
+            self.add(
+                "output_dir",
+                f"{path} is in use by another run ({holder}); wait for it to end, stop it, or use another output_dir",
+            )
+            return
         probe_dir = path
         while not probe_dir.exists():
             probe_dir = probe_dir.parent
@@ -555,7 +564,8 @@ class _Checker:
                     f"resume_from_checkpoint: true, but {root} has no complete checkpoint yet: the run starts at step 0"
                 )
                 return
-            runs = sorted({str((read_run_record(p) or {}).get("id", "unrecorded")) for p in existing})
+            # Checkpoints written before runs were recorded belong to whichever run resumes them.
+            runs = sorted({str(r["id"]) for r in map(read_run_record, existing) if r is not None and r.get("id")})
             if len(runs) > 1:
                 self.add(
                     "resume_from_checkpoint",

@@ -86,6 +86,24 @@ class RunLock:
         self._fd = fd
         return self
 
+    @staticmethod
+    def holder(output_dir: str | Path) -> str | None:
+        """Who holds ``output_dir``'s lock right now (None: nobody). Reads only; creates nothing."""
+        path = Path(output_dir) / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         """Drops the lock (also dropped by the kernel when the process ends)."""
         if self._fd is not None:

@@ -121,6 +121,7 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     ),
     ("validate empty dataset", _val("dataset.data_files={W}/empty.jsonl"), ["no records"]),
     ("validate missing config", ["validate", "--config", "{W}/nope.yaml"], ["nope.yaml"]),
+    ("validate folder in use", _val(out="{W}/locked"), ["output_dir", "in use by another run"]),
     ("validate 2-process resume", _val("resume_from_checkpoint=true", out="{W}/run2"), ["world size: 2 -> 1"]),
     # --- eval ---
     ("eval taks=", ["run", "eval_tad", "--config", EVAL, "taks=[tiny_arith_mc]"], ["taks", "tasks"]),
@@ -341,10 +342,10 @@ def classify(code: int | str, output: str, words: list[str], before: dict, after
 def survey(world: Path) -> Counter:
     counts: Counter = Counter()
     for name, argv, words in ROWS:
-        before = snapshot(world)
         t0 = time.perf_counter()
         ctx = hold_lock(world / "locked") if "in use" in " ".join(words) else contextlib.nullcontext()
         with ctx:
+            before = snapshot(world)
             code, out = run_row(argv, world)
         verdict = classify(code, out, words, before, snapshot(world))
         counts[verdict] += 1

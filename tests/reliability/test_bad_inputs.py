@@ -26,9 +26,9 @@ def world(tmp_path_factory):
 
 @pytest.mark.parametrize("name,argv,words", ROWS, ids=[r[0] for r in ROWS])
 def test_refused_input_is_one_clear_message(world, name, argv, words):
-    before = snapshot(world)
     ctx = hold_lock(world / "locked") if "in use" in " ".join(words) else contextlib.nullcontext()
-    with ctx:
+    with ctx:  # the snapshot after the holder wrote its lock file: only the command's own writes count
+        before = snapshot(world)
         code, out = run_row(argv, world)
     verdict = classify(code, out, words, before, snapshot(world))
     assert verdict == "clear", f"{name}: {verdict}, exit {code}\n{out[-3000:]}"

@@ -102,6 +102,15 @@ def test_new_run_in_another_runs_folder_and_ambiguous_resume_are_refused(assets,
     assert "checkpoints of 2 runs (a, b)" in problem.message and "resume_from_checkpoint=<path" in problem.message
 
 
+def test_checkpoints_from_before_run_records_do_not_make_a_resume_ambiguous(assets, tmp_path):
+    """A run started before run records existed, resumed once after (new checkpoints recorded), resumes again."""
+    root = tmp_path / "run" / "checkpoints"
+    save_step_checkpoint(root, 2, {"w": torch.ones(2)}, {}, {"world_size": 1})  # no run record
+    save_step_checkpoint(root, 4, {"w": torch.ones(2)}, {}, {"world_size": 1}, run=run_record("r", {}, 1))
+    problems = validate_config(tiny_cfg(assets, tmp_path / "run", resume_from_checkpoint=True), check_data=False)
+    assert not [p for p in problems if "runs (" in p.message], problems
+
+
 def test_a_worker_whose_launcher_dies_stops(tmp_path):
     """Before: SIGKILL of the torchrun launcher left both ranks training unattended."""
     stopped = tmp_path / "stopped"
