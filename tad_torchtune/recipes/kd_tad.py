@@ -142,7 +142,10 @@ class KDTADRecipe(FTRecipeInterface):
         cfg (DictConfig): the recipe config (``docs/recipe.md``).
 
     Raises:
-        ValueError: inconsistent loss weights, bad dtype, unsupported values (each message names the key).
+        ValueError: inconsistent loss weights, bad dtype, unsupported values (each message names the key);
+            ``ConfigValidationError`` lists every start-up problem (values, files, another run's checkpoints,
+            config drift on resume).
+        RunLockError: another live process holds ``output_dir``.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
