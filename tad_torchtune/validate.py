@@ -176,8 +176,9 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
 
 
 class _Checker:
-    def __init__(self, cfg: DictConfig, check_data: bool, world_size: int):
+    def __init__(self, cfg: DictConfig, check_data: bool, world_size: int, check_lock: bool = True):
         self.cfg = cfg
+        self.check_lock = check_lock
         self.check_data = check_data
         self.world_size = world_size
         self.problems: list[Problem] = []
@@ -514,7 +515,7 @@ class _Checker:
             return
         from tad_torchtune.reliability.run_identity import RunLock
 
-        holder = RunLock.holder(path)
+        holder = RunLock.holder(path) if self.check_lock else None
         if holder is not None:
             self.add(
                 "output_dir",
@@ -650,7 +651,12 @@ def _shapes_only(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def validate_config(
-    cfg: DictConfig, *, check_data: bool = True, world_size: int | None = None, notes: list[str] | None = None
+    cfg: DictConfig,
+    *,
+    check_data: bool = True,
+    world_size: int | None = None,
+    notes: list[str] | None = None,
+    check_lock: bool = True,
 ) -> list[Problem]:
     """Runs every start-up check; returns the problems found (empty when the config is good).
 
@@ -660,12 +666,14 @@ def validate_config(
         world_size (int | None): processes the run will use. Default: ``$WORLD_SIZE`` or 1
         notes (list[str] | None): when given, receives what was accepted but is worth saying (benign config
             changes on resume, a resume with nothing to resume yet). Default: None
+        check_lock (bool): refuse an ``output_dir`` whose run lock another process holds. The recipe's ranks
+            other than 0 pass False: their own rank 0 may already hold it. Default: True
 
     Returns:
         list[Problem]: one entry per finding, each naming the key.
     """
     ws = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
-    checker = _Checker(cfg, check_data=check_data, world_size=ws)
+    checker = _Checker(cfg, check_data=check_data, world_size=ws, check_lock=check_lock)
     problems = checker.run()
     if notes is not None:
         notes.extend(checker.notes)

@@ -152,8 +152,9 @@ class KDTADRecipe(FTRecipeInterface):
         # Every start-up check (keys, hyperparameters, checkpoints, vocabularies, data, output dir, resume) before
         # a process group, model or dataset exists; raises ConfigValidationError listing all problems.
         notes: list[str] = []
-        validate_or_raise(cfg, notes=notes)
         global_rank = int(os.environ.get("RANK", "0"))
+        # Only rank 0 asks whether output_dir is in use: the other ranks may find their own rank 0 holding it.
+        validate_or_raise(cfg, notes=notes, check_lock=global_rank == 0)
         for note in notes if global_rank == 0 else []:
             log.warning(note)
         # One run per output_dir: the writing process (global rank 0) holds an exclusive lock until it ends.

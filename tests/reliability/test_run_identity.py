@@ -70,6 +70,21 @@ def test_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pat
     lock.release()
 
 
+def test_ranks_other_than_0_do_not_see_their_own_rank_0s_lock_as_another_run(assets, tmp_path, monkeypatch):
+    """Rank 1 validates while rank 0 of the same job may already hold the lock: only rank 0 checks it."""
+    from tad_torchtune.recipes.kd_tad import KDTADRecipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with hold_lock(out):  # stands for this job's rank 0
+        (problem,) = validate_config(tiny_cfg(assets, out), check_data=False)
+        assert problem.key == "output_dir" and "is in use by another run" in problem.message
+        monkeypatch.setenv("RANK", "1")
+        recipe = KDTADRecipe(tiny_cfg(assets, out))  # no refusal, no lock taken
+        assert recipe._run_lock is None
+        recipe.cleanup()
+
+
 def test_pruning_never_touches_another_runs_checkpoints(tmp_path):
     """Before: a new run's saves 1-5 were pruned at once because another run's steps 8-9 ranked as newer."""
     root = tmp_path / "checkpoints"
