@@ -3,13 +3,15 @@
 ``tad-tune ls | cp | run | validate-config ...`` behave exactly like ``tune``'s, with the
 ``knowledge_distillation_tad`` (and evaluation) recipes and our shipped configs added to the registry.
 The commands below are ours; each lives in the module that owns the feature and is imported lazily so
-``tad-tune --help`` stays fast.
+``tad-tune --help`` stays fast. A refused input ends any command with one message and exit code 1, no
+traceback (``--debug`` or ``TAD_DEBUG=1`` shows it; ``tad_torchtune.reliability.errors``).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 # name -> (module, function, one-line help). Each function takes ``argv: list[str]`` and returns an exit code.
@@ -30,7 +32,7 @@ def _usage() -> str:
     lines = ["usage: tad-tune <command> [args]", "", "torchtune commands (our recipes and configs registered):"]
     lines.append("  ls, cp, run, download  -- see `tad-tune <command> --help` (`tad-tune validate` is ours, below)")
     lines.append("")
-    lines.append("tad_torchtune commands:")
+    lines.append("tad_torchtune commands (--debug: show the traceback of a refused input):")
     for name, (_, _, help_text) in SUBCOMMANDS.items():
         lines.append(f"  {name:<13} {help_text}")
     return "\n".join(lines)
@@ -40,9 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     # torchao 0.15 warns at import that its C++ kernels do not match torch 2.13; torchtune works without them.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not [a for a in argv if a != "--debug"] or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    from tad_torchtune.reliability.errors import DEBUG_ENV, debug_requested, run_reporting
+
+    debug, argv = debug_requested(argv)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # the recipe under `run` (and torchrun's workers) read it
     if argv[0] in SUBCOMMANDS:
         module_name, func_name, _ = SUBCOMMANDS[argv[0]]
         try:
@@ -52,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"tad-tune {argv[0]}: not available in this version ({module_name} is missing)", file=sys.stderr)
                 return 2
             raise
-        return int(getattr(module, func_name)(argv[1:]) or 0)
+        return run_reporting(lambda: getattr(module, func_name)(argv[1:]), f"tad-tune {argv[0]}", debug)
     from tad_torchtune._registry import tune_main
 
-    return int(tune_main(argv) or 0)
+    return run_reporting(lambda: tune_main(argv), "tad-tune", debug)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,22 @@ exits 1, or prints ``OK`` and exits 0. The recipe runs the same checks (:func:`v
 thing, before a process group, a model or a dataset exists. Checks:
 
 - config keys: unknown or misspelled top-level keys and component arguments (closest valid key suggested);
-- hyperparameters: ``top_k >= vocab``, ``beta <= 0``, ``lr <= 0``, ``num_output_chunks < 1``, batch sizes,
-  epochs, checkpoint cadence, loss weights, dtype, ``nonfinite_policy``, ``fused_loss``;
+- values: every number anywhere in the config is finite (no ``.nan``/``.inf``), and every key of one typed table
+  (:data:`SCHEMA`: type and range; ``seed``, batch geometry, loss weights, ``lr``, ``clip_grad_norm``, ``top_k``,
+  ``beta``, ...) has the right type and lies in its range; ``top_k >= vocab``; dtype, ``nonfinite_policy``,
+  ``fused_loss``, ``peak_flops``;
 - models: buildable (on the meta device: no memory, no weights), teacher vocabulary >= student vocabulary,
   tokenizer ids fit the student, tokenizer ``max_seq_len`` <= what both models support;
 - checkpoints: every configured file exists, loads without running code, and (torchtune format) holds
   exactly the model's keys and shapes;
 - tokenizers: ``teacher_tokenizer`` (when given) agrees with ``tokenizer`` on every shared id;
 - data: the dataset builds and has at least one optimizer step's worth of samples;
-- output: ``output_dir`` is (or can be made) a writable folder; ``resume_from_checkpoint`` has something to
-  resume from (a complete checkpoint whose manifest checks out).
+- output: ``output_dir`` is (or can be made) a writable folder; a new run (``resume_from_checkpoint: false``)
+  is refused in a folder holding another run's checkpoints;
+- resume: the checkpoint is complete (manifest), loads without running code, belongs to one run, and was
+  written by the same number of processes with the same meaning-changing keys (models, data, batch geometry,
+  losses, seed; :func:`~tad_torchtune.reliability.run_identity.compare_configs`); benign changes are notes.
+  ``resume_from_checkpoint: true`` with no checkpoint yet is fine (the run starts at step 0 with a warning).
 
 Nothing is written except a probe file in an existing ``output_dir`` (removed at once); checkpoints are
 never touched.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
+import math
 import os
 import re
 import sys
@@ -51,6 +58,86 @@ COMPONENT_KEYS = (
     "lr_scheduler metric_logger"
 ).split()
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w]*)")
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Num:
+    """The type and range of one numeric config key (``None`` bound: unbounded on that side)."""
+
+    integer: bool
+    low: float | None = None
+    low_strict: bool = False
+    high: float | None = None
+    required: bool = False
+    hint: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """None when ``value`` fits, else the sentence saying what is wrong (the value included)."""
+        kind = "an integer" if self.integer else "a number"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (self.integer and isinstance(value, float))
+        ):
+            return f"must be {kind}, got {value!r}{self.hint}"
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value!r}{self.hint}"
+        below = self.low is not None and ((value <= self.low) if self.low_strict else (value < self.low))
+        if (below or (self.high is not None and value > self.high)) and self.low is not None and not self.low_strict:
+            if self.high is not None:
+                return f"must be in [{_fmt(self.low)}, {_fmt(self.high)}], got {value!r}{self.hint}"
+        if below:
+            return f"must be {'>' if self.low_strict else '>='} {_fmt(self.low)}, got {value!r}{self.hint}"
+        if self.high is not None and value > self.high:
+            return f"must be <= {_fmt(self.high)}, got {value!r}{self.hint}"
+        return None
+
+
+# Every numeric key the recipe reads, typed: one rule checks them all (docs/recipe.md lists the same ranges).
+# Component arguments are checked when their section is configured.
+SCHEMA: dict[str, Num] = {
+    "seed": Num(True, 0, high=2**32 - 1, hint="; use an integer such as 0, or null for a random seed"),
+    "batch_size": Num(True, 1, required=True),
+    "epochs": Num(True, 1, required=True),
+    "gradient_accumulation_steps": Num(True, 1, required=True),
+    "max_steps_per_epoch": Num(True, 1),
+    "save_every_n_steps": Num(True, 1),
+    "keep_last_n_checkpoints": Num(True, 1),
+    "log_every_n_steps": Num(True, 1),
+    "fused_chunk_size": Num(True, 1),
+    "clip_grad_norm": Num(False, 0, low_strict=True, hint="; use e.g. 1.0, or null for no clipping"),
+    "ce_weight": Num(False, 0),
+    "kd_weight": Num(False, 0),
+    "cosine_weight": Num(False, 0),
+    "kd_ratio": Num(False, 0, high=1),
+    # Above 10 no optimizer we know of converges (and 1e39 overflows fp32): almost surely a typo.
+    "optimizer.lr": Num(False, 0, low_strict=True, high=10.0, hint="; typical values are 1e-6 to 1e-3"),
+    "optimizer.weight_decay": Num(False, 0),
+    "optimizer.eps": Num(False, 0, low_strict=True),
+    "optimizer.momentum": Num(False, 0),
+    "loss.num_output_chunks": Num(True, 1),
+    "kd_loss.num_output_chunks": Num(True, 1),
+    "kd_loss.temperature": Num(False, 0, low_strict=True),
+    "kd_loss.beta": Num(False, 0, low_strict=True),
+    "kd_loss.top_k": Num(True, 1),
+    "kd_loss.chunk_size": Num(True, 1),
+    "lr_scheduler.num_warmup_steps": Num(True, 0),
+    "tokenizer.max_seq_len": Num(True, 1),
+}
+BOOL_KEYS = ("shuffle", "compile", "enable_activation_checkpointing", "log_peak_memory_stats", "log_flops")
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a plain container (list items as ``key[i]``)."""
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _leaves(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in _leaves(v, f"{prefix}[{i}]")]
+    return [(prefix, node)]
 
 
 @dataclass(frozen=True)
@@ -89,11 +176,13 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
 
 
 class _Checker:
-    def __init__(self, cfg: DictConfig, check_data: bool, world_size: int):
+    def __init__(self, cfg: DictConfig, check_data: bool, world_size: int, check_lock: bool = True):
         self.cfg = cfg
+        self.check_lock = check_lock
         self.check_data = check_data
         self.world_size = world_size
         self.problems: list[Problem] = []
+        self.notes: list[str] = []  # accepted but worth saying (benign config changes on resume)
         self.models: dict[str, Any] = {}
         self.tokenizer = None
 
@@ -106,22 +195,20 @@ class _Checker:
         except Exception as err:  # an unresolved ${...}: nothing else can be trusted
             self.add("config", f"cannot resolve interpolations ({_short(err)})")
             return self.problems
-        for step in (
-            self.keys,
-            self.components,
-            self.hyperparameters,
-            self.build_models,
-            self.checkpoints,
-            self.tokenizers,
-            self.data,
-            self.output_dir,
-            self.resume,
-        ):
-            try:
-                step()
-            except Exception as err:  # a check must never crash with a deep traceback
-                self.add("config", f"check {step.__name__} failed: {_short(err)}")
+        # Cheap checks first; a refused resume or folder stops before any model, tokenizer or dataset is built.
+        for step in (self.keys, self.components, self.values, self.hyperparameters, self.output_dir, self.resume):
+            self._run(step)
+        if any(p.key in ("output_dir", "resume_from_checkpoint") for p in self.problems):
+            return self.problems
+        for step in (self.build_models, self.checkpoints, self.tokenizers, self.data):
+            self._run(step)
         return self.problems
+
+    def _run(self, step) -> None:
+        try:
+            step()
+        except Exception as err:  # a check must never crash with a deep traceback
+            self.add("config", f"check {step.__name__} failed: {_short(err)}")
 
     # --- keys -------------------------------------------------------------------------------------
     def keys(self) -> None:
@@ -164,17 +251,35 @@ class _Checker:
                     self.add(f"{key}.{arg}", f"{path} has no argument {arg!r}{hint}")
 
     # --- hyperparameters ----------------------------------------------------------------------------
-    def _number(self, key: str, low: float, *, strict: bool, integer: bool, optional: bool = True) -> None:
-        value = _get(self.cfg, key)
-        if value is None:
-            if not optional:
-                self.add(key, "is required")
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-            self.add(key, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
-            return
-        if (value <= low) if strict else (value < low):
-            self.add(key, f"must be {'>' if strict else '>='} {low:g}, got {value!r}")
+    def values(self) -> None:
+        """One rule for every number: finite anywhere in the config; type and range for the keys in SCHEMA."""
+        container = OmegaConf.to_container(self.cfg, resolve=True)
+        for key, value in _leaves(container):
+            if isinstance(value, float) and not math.isfinite(value) and key not in SCHEMA:
+                self.add(key, f"must be a finite number, got {value!r}")
+        for key, rule in SCHEMA.items():
+            section = key.split(".", 1)[0]
+            if "." in key and not isinstance(self.cfg.get(section), DictConfig):
+                continue
+            value = _get(self.cfg, key)
+            if value is None:
+                if rule.required:
+                    self.add(key, "is required")
+                continue
+            problem = rule.problem(value)
+            if problem is not None:
+                self.add(key, problem)
+        for key in BOOL_KEYS:
+            value = self.cfg.get(key)
+            if value is not None and not isinstance(value, bool):
+                self.add(key, f"must be true or false, got {key}={value!r}")
+        if self.cfg.get("peak_flops") is not None:
+            from tad_torchtune.utils.flops import parse_peak_flops
+
+            try:
+                parse_peak_flops(self.cfg.get("peak_flops"), "peak_flops")
+            except ValueError as err:
+                self.add("peak_flops", str(err))
 
     def _component_default(self, key: str, arg: str) -> Any:
         """``cfg[key][arg]``, else the component's default for ``arg`` (None when unknown)."""
@@ -192,17 +297,8 @@ class _Checker:
             return None
 
     def hyperparameters(self) -> None:
+        """Choices that are not numbers (numbers are :meth:`values`' job)."""
         cfg = self.cfg
-        for key in ("batch_size", "epochs", "gradient_accumulation_steps"):
-            self._number(key, 1, strict=False, integer=True, optional=False)
-        for key in ("max_steps_per_epoch", "save_every_n_steps", "keep_last_n_checkpoints", "log_every_n_steps"):
-            self._number(key, 1, strict=False, integer=True)
-        self._number("clip_grad_norm", 0, strict=True, integer=False)
-        for key in ("ce_weight", "kd_weight", "cosine_weight"):
-            self._number(key, 0, strict=False, integer=False)
-        ratio = cfg.get("kd_ratio")
-        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
-            self.add("kd_ratio", f"must be in [0, 1], got {ratio!r}")
         dtype = cfg.get("dtype")
         if dtype not in ("fp32", "bf16"):
             self.add("dtype", f"must be fp32 or bf16, got {dtype!r}")
@@ -214,23 +310,6 @@ class _Checker:
         fused = cfg.get("fused_loss", "auto")
         if str(fused).strip().lower() not in ("auto", "true", "false"):
             self.add("fused_loss", f"must be auto, true or false, got {fused!r}")
-        if cfg.get("fused_chunk_size") is not None:
-            self._number("fused_chunk_size", 1, strict=False, integer=True)
-        if cfg.get("optimizer") is not None:
-            self._number("optimizer.lr", 0, strict=True, integer=False)
-        for key in ("loss", "kd_loss"):
-            if cfg.get(key) is not None and "num_output_chunks" in cfg[key]:
-                self._number(f"{key}.num_output_chunks", 1, strict=False, integer=True)
-        kd = cfg.get("kd_loss")
-        if kd is None:
-            return
-        component = str(kd.get("_component_", ""))
-        if "temperature" in kd:
-            self._number("kd_loss.temperature", 0, strict=True, integer=False)
-        if component.endswith("TADLoss"):
-            self._number("kd_loss.beta", 0, strict=True, integer=False)
-            if "top_k" in kd:
-                self._number("kd_loss.top_k", 1, strict=False, integer=True)
 
     # --- models -------------------------------------------------------------------------------------
     def build_models(self) -> None:
@@ -427,6 +506,10 @@ class _Checker:
                 config.instantiate(c, self.tokenizer) for c in (ds_cfg if isinstance(ds_cfg, ListConfig) else [ds_cfg])
             ]
             n = sum(len(p) for p in parts)
+        except StopIteration:  # HF datasets' json/csv builders on a source without records
+            files = _get(self.cfg, "dataset.data_files")
+            self.add("dataset", f"cannot build the dataset: its source {files or ''} holds no records (empty file?)")
+            return
         except Exception as err:
             self.add("dataset", f"cannot build the dataset ({_short(err)})")
             return
@@ -453,6 +536,15 @@ class _Checker:
         if path.exists() and not path.is_dir():
             self.add("output_dir", f"{path} exists and is not a folder")
             return
+        from tad_torchtune.reliability.run_identity import RunLock
+
+        holder = RunLock.holder(path) if self.check_lock else None
+        if holder is not None:
+            self.add(
+                "output_dir",
+                f"{path} is in use by another run ({holder}); wait for it to end, stop it, or use another output_dir",
+            )
+            return
         probe_dir = path
         while not probe_dir.exists():
             probe_dir = probe_dir.parent
@@ -468,28 +560,96 @@ class _Checker:
             self.add("output_dir", f"{path}{where} is not writable ({err.strerror})")
 
     def resume(self) -> None:
-        from tad_torchtune.reliability.manifest import verify_manifest
-        from tad_torchtune.training.checkpoint import FILES, find_latest_checkpoint
+        """Which checkpoints this run may use: its own (resume) or none (a new run in a clean folder)."""
+        from tad_torchtune.reliability.manifest import read_run_record, verify_manifest
+        from tad_torchtune.training.checkpoint import FILES, find_latest_checkpoint, list_checkpoints
 
         resume = self.cfg.get("resume_from_checkpoint", False)
-        if resume in (False, None):
-            return
         root = Path(str(self.cfg.get("output_dir", "."))) / "checkpoints"
-        if resume is True:
-            if find_latest_checkpoint(root) is None:
+        existing = list_checkpoints(root)
+        if resume in (False, None):
+            if existing:
+                runs = sorted({str((read_run_record(p) or {}).get("id", "unrecorded")) for p in existing})
                 self.add(
                     "resume_from_checkpoint",
-                    f"true, but there is no complete checkpoint under {root} to resume from; set it to false to start "
-                    "from step 0",
+                    f"false (a new run), but {root} holds {len(existing)} checkpoint(s) of another run (run "
+                    f"{', '.join(runs)}; newest {existing[-1].name}) that a new run would prune or later resume by "
+                    "mistake; set resume_from_checkpoint=true to continue that run, or use a new output_dir, or move "
+                    f"{root} aside",
                 )
             return
-        path = Path(str(resume))
-        if not path.is_dir():
-            self.add("resume_from_checkpoint", f"{path} is not a checkpoint folder")
+        if not isinstance(resume, (bool, str)):
+            self.add("resume_from_checkpoint", f"must be true, false or a checkpoint folder, got {resume!r}")
             return
-        problem = verify_manifest(path, FILES)
-        if problem is not None:
-            self.add("resume_from_checkpoint", f"{path} is not a complete checkpoint: {problem}")
+        if resume is True:
+            path = find_latest_checkpoint(root)
+            if path is None:
+                self.notes.append(
+                    f"resume_from_checkpoint: true, but {root} has no complete checkpoint yet: the run starts at step 0"
+                )
+                return
+            # Checkpoints written before runs were recorded belong to whichever run resumes them.
+            runs = sorted({str(r["id"]) for r in map(read_run_record, existing) if r is not None and r.get("id")})
+            if len(runs) > 1:
+                self.add(
+                    "resume_from_checkpoint",
+                    f"true, but {root} holds checkpoints of {len(runs)} runs ({', '.join(runs)}): which one to "
+                    "continue is ambiguous; give the folder to resume (resume_from_checkpoint=<path to step_N>) or "
+                    "move the other run's checkpoints aside",
+                )
+                return
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                self.add("resume_from_checkpoint", f"{path} is not a checkpoint folder")
+                return
+            problem = verify_manifest(path, FILES)
+            if problem is not None:
+                self.add("resume_from_checkpoint", f"{path} is not a complete checkpoint: {problem}")
+                return
+        self._resume_files_and_config(path)
+
+    def _resume_files_and_config(self, path: Path) -> None:
+        """The resume checkpoint loads without running code, and was written with the same meaning-changing keys."""
+        from tad_torchtune.reliability.manifest import read_run_record
+        from tad_torchtune.reliability.run_identity import compare_configs
+        from tad_torchtune.reliability.safe_load import safe_load
+        from tad_torchtune.training.checkpoint import FILES
+
+        recipe_state = None
+        for name in FILES:  # memory-mapped weights-only loads: cheap, and a pickle payload never runs
+            try:
+                obj = safe_load(path / name, mmap=name != "recipe_state.pt")
+            except Exception as err:
+                self.add("resume_from_checkpoint", f"{path / name} cannot be resumed from: {_short(err)}")
+                return
+            if name == "recipe_state.pt":
+                recipe_state = obj
+        record = read_run_record(path)
+        old_ws = (record or {}).get("world_size")
+        if old_ws is None and isinstance(recipe_state, dict):
+            old_ws = recipe_state.get("world_size")
+        if record is None or not isinstance(record.get("config"), dict):
+            if old_ws is not None and old_ws != self.world_size:
+                self.add(
+                    "resume_from_checkpoint",
+                    f"{path} was written by {old_ws} process(es), this run has {self.world_size}; resume with "
+                    f"--nproc_per_node {old_ws}",
+                )
+            else:
+                self.notes.append(f"{path} predates recorded run configs: the config was not compared with it")
+            return
+        new = OmegaConf.to_container(self.cfg, resolve=True)
+        refused, changed = compare_configs(record["config"], new, old_ws, self.world_size)
+        if refused:
+            self.add(
+                "resume_from_checkpoint",
+                f"{path} (run {record.get('id')}) was written with a different run: {'; '.join(refused)}. These "
+                "change what the run computes; restore the old values to resume, or start a new run in a new "
+                "output_dir",
+            )
+        for line in changed:
+            self.notes.append(f"resume: {line} (accepted)")
 
 
 def _vocab(model: Any) -> int | None:
@@ -513,19 +673,34 @@ def _shapes_only(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
 
 
-def validate_config(cfg: DictConfig, *, check_data: bool = True, world_size: int | None = None) -> list[Problem]:
+def validate_config(
+    cfg: DictConfig,
+    *,
+    check_data: bool = True,
+    world_size: int | None = None,
+    notes: list[str] | None = None,
+    check_lock: bool = True,
+) -> list[Problem]:
     """Runs every start-up check; returns the problems found (empty when the config is good).
 
     Args:
         cfg (DictConfig): a ``knowledge_distillation_tad`` config.
         check_data (bool): build the dataset to check it is non-empty and long enough. Default: True
         world_size (int | None): processes the run will use. Default: ``$WORLD_SIZE`` or 1
+        notes (list[str] | None): when given, receives what was accepted but is worth saying (benign config
+            changes on resume, a resume with nothing to resume yet). Default: None
+        check_lock (bool): refuse an ``output_dir`` whose run lock another process holds. The recipe's ranks
+            other than 0 pass False: their own rank 0 may already hold it. Default: True
 
     Returns:
         list[Problem]: one entry per finding, each naming the key.
     """
     ws = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
-    return _Checker(cfg, check_data=check_data, world_size=ws).run()
+    checker = _Checker(cfg, check_data=check_data, world_size=ws, check_lock=check_lock)
+    problems = checker.run()
+    if notes is not None:
+        notes.extend(checker.notes)
+    return problems
 
 
 def validate_or_raise(cfg: DictConfig, **kwargs: Any) -> None:
@@ -548,12 +723,13 @@ def load_config(config: str, overrides: list[str]) -> DictConfig:
                 break
         else:
             raise FileNotFoundError(f"config {config!r} is neither a file nor a shipped config name")
-    cfg = OmegaConf.load(path)
-    bad = [o for o in overrides if "=" not in o]
+    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
     if bad:
-        raise ValueError(f"overrides {bad} are not key=value")
-    # YAML-typed values (lr=0 is the number 0), as tune run parses them.
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        raise ValueError(f"overrides {bad} are not key=value (or ~key to remove a key)")
+    # torchtune's own merge: YAML-typed values (lr=0 is the number 0), ``~key`` removals, ``model=<builder>``.
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    return _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(OmegaConf.load(path))), overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,7 +748,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         print(f"config: {_short(err)}", file=sys.stderr)
         return 1
-    problems = validate_config(cfg, check_data=not args.no_data, world_size=args.world_size)
+    notes: list[str] = []
+    problems = validate_config(cfg, check_data=not args.no_data, world_size=args.world_size, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if problems:
         for p in problems:
             print(p)

@@ -173,8 +173,15 @@ def open_source(
                 f"{sorted(_EXT_TO_BUILDER)} per call"
             )
         builder = builders.pop()
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        if len(empty) == len(files):
+            raise ValueError(f"data file(s) {', '.join(files[:3])} are empty (0 bytes): there is nothing to tokenise")
         kwargs: dict[str, Any] = {"sample_by": text_sample_by} if builder == "text" else {}
-        ds = load_dataset(builder, data_files=files, split=split, streaming=streaming, **kwargs)
+        try:
+            ds = load_dataset(builder, data_files=files, split=split, streaming=streaming, **kwargs)
+        except StopIteration:  # datasets' json/csv builders on a file without records
+            where = ", ".join(files[:3])
+            raise ValueError(f"data file(s) {where} hold no records: there is nothing to tokenise") from None
         stats = [[os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
         desc = {"kind": "local", "builder": builder, "files": [os.path.abspath(f) for f in files], "stat": stats}
         if builder == "text":

@@ -5,7 +5,7 @@ So ``python -m tad_torchtune.eval`` and the dotted ``tune run`` both run the ``e
 
 import sys
 
-from tad_torchtune.eval.eval_tad import recipe_main
+from tad_torchtune.eval.eval_tad import main
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(main())

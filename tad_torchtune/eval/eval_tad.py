@@ -38,6 +38,34 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 log = utils.get_logger("INFO")
 
 
+# Every top-level key this recipe reads (configs/eval_*.yaml); anything else is a typo, refused with a suggestion.
+EVAL_KEYS = frozenset(
+    """
+    add_bos baseline_name baseline_results batch_size checkpointer device dtype enable_kv_cache full_ece
+    include_defaults include_path limit log_samples math_data_dir max_gen_toks max_seq_len model num_fewshot
+    output_dir run_name seed storycloze_dir table_metrics tasks tokenizer
+    """.split()
+)
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    """Refuses unknown top-level keys (e.g. ``taks=``), which would otherwise leave the defaults in force."""
+    import difflib
+    import re
+
+    referenced = set(re.findall(r"\$\{([A-Za-z_]\w*)", OmegaConf.to_yaml(cfg)))
+    unknown = [str(k) for k in cfg.keys() if str(k) not in EVAL_KEYS and str(k) not in referenced]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(EVAL_KEYS), n=1, cutoff=0.6)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"unknown config key(s) {', '.join(hints)}: the eval recipe never reads them; fix the spelling "
+            f"(keys: {', '.join(sorted(EVAL_KEYS))})"
+        )
+
+
 class TADEvalRecipe(EvalRecipeInterface):
     """Evaluate one checkpoint on lm-eval tasks and write JSON + Markdown results.
 
@@ -46,6 +74,7 @@ class TADEvalRecipe(EvalRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        _check_keys(cfg)
         self.cfg = cfg
         self.device, self.dtype = _loading.resolve_device_dtype(cfg.get("device"), cfg.get("dtype", "fp32"))
         self.seed = training.set_seed(seed=cfg.get("seed", 1234))
@@ -176,5 +205,13 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe.cleanup()
 
 
+def main() -> int:
+    """``python -m``/``tune run`` entry: a refused input is one line and exit code 1 (``--debug``: traceback)."""
+    from tad_torchtune.reliability.errors import debug_requested, run_reporting
+
+    debug, sys.argv = debug_requested(sys.argv)
+    return run_reporting(recipe_main, "eval_tad", debug)
+
+
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(main())

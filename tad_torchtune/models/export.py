@@ -388,8 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output HF directory")
     parser.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from here (the teacher's HF dir)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
+    parser.add_argument("--force", action="store_true", help="write into --out even if it is a non-empty folder")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. output_dir=/x)")
     ns = parser.parse_args(argv)
+    out_dir = Path(ns.out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not ns.force:
+        what = "a file" if not out_dir.is_dir() else f"a non-empty folder ({len(list(out_dir.iterdir()))} entries)"
+        raise FileExistsError(
+            f"--out {out_dir} is {what}: exporting there would mix files with what it holds (a run folder?); "
+            "give a new or empty folder, or add --force to write into it anyway"
+        )
 
     from omegaconf import OmegaConf
 

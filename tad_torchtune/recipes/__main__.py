@@ -7,7 +7,7 @@ so the user's dotted command and the module form behave the same.
 
 import sys
 
-from tad_torchtune.recipes.kd_tad import recipe_main
+from tad_torchtune.recipes.kd_tad import main
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(main())

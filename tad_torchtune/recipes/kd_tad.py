@@ -61,7 +61,10 @@ from tad_torchtune.losses.fused_linear import (
     is_plain_projection,
 )
 from tad_torchtune.losses.tad import TADLoss
-from tad_torchtune.reliability.guards import NonFiniteGuard
+from tad_torchtune.reliability.errors import debug_requested, run_reporting
+from tad_torchtune.reliability.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
+from tad_torchtune.reliability.manifest import read_run_record, remove_stale_partials
+from tad_torchtune.reliability.run_identity import ParentWatch, RunLock, new_run_id, run_record
 from tad_torchtune.training.checkpoint import (
     find_latest_checkpoint,
     load_step_checkpoint,
@@ -150,14 +153,31 @@ class KDTADRecipe(FTRecipeInterface):
         callbacks (Sequence[RecipeCallback]): called at the start of training and after every step. Default: ()
 
     Raises:
-        ValueError: inconsistent loss weights, bad dtype, unsupported values (each message names the key).
+        ValueError: inconsistent loss weights, bad dtype, unsupported values (each message names the key);
+            ``ConfigValidationError`` lists every start-up problem (values, files, another run's checkpoints,
+            config drift on resume).
+        RunLockError: another live process holds ``output_dir``.
     """
 
     def __init__(self, cfg: DictConfig, callbacks: Sequence[RecipeCallback] = ()) -> None:
         self._callbacks = list(callbacks)
         # Every start-up check (keys, hyperparameters, checkpoints, vocabularies, data, output dir, resume) before
         # a process group, model or dataset exists; raises ConfigValidationError listing all problems.
-        validate_or_raise(cfg)
+        notes: list[str] = []
+        global_rank = int(os.environ.get("RANK", "0"))
+        # Only rank 0 asks whether output_dir is in use: the other ranks may find their own rank 0 holding it.
+        validate_or_raise(cfg, notes=notes, check_lock=global_rank == 0)
+        for note in notes if global_rank == 0 else []:
+            log.warning(note)
+        # One run per output_dir: the writing process (global rank 0) holds an exclusive lock until it ends.
+        self._run_lock = RunLock(cfg.output_dir).acquire() if global_rank == 0 else None
+        if self._run_lock is not None:
+            for p in remove_stale_partials(Path(cfg.output_dir) / "checkpoints"):
+                log.info(f"removed {p.name}, left by an interrupted checkpoint write or prune")
+        self._config = OmegaConf.to_container(cfg, resolve=True)
+        self._run_id = new_run_id()  # replaced by the checkpoint's run id on resume
+        # A torchrun worker whose launcher died stops at the next step boundary instead of training unattended.
+        self._parent_watch = ParentWatch() if _launched_by_torchrun() else None
         # --- distributed: only when launched by torchrun (or a process group already exists) ---
         self._owns_process_group = False
         if _launched_by_torchrun() and not dist.is_initialized():
@@ -250,6 +270,13 @@ class KDTADRecipe(FTRecipeInterface):
             # student and writes the final one in its format (it must load first: HF needs its weight map).
             self._checkpointer = config.instantiate(cfg.checkpointer, resume_from_checkpoint=False)
             student_sd = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+            bad = first_nonfinite(student_sd)
+            if bad is not None:
+                raise ValueError(
+                    f"the student's input checkpoint ({cfg.checkpointer.get('checkpoint_dir')}) holds non-finite "
+                    f"values: {bad}; training would carry them into every checkpoint. Repair or re-export the "
+                    "checkpoint (or drop the checkpointer key to start from a random init)"
+                )
         else:
             student_sd = None
         if resume_state is not None:
@@ -592,8 +619,11 @@ class KDTADRecipe(FTRecipeInterface):
                     "starting from step 0"
                 )
             return None
+        record = read_run_record(path)
+        if record is not None and record.get("id"):
+            self._run_id = str(record["id"])  # the resumed run keeps its identity (and prunes its own checkpoints)
         if self._is_rank_zero:
-            log.info(f"resuming from {path}")
+            log.info(f"resuming from {path} (run {self._run_id})")
         return (path, *load_step_checkpoint(path))
 
     def _load_resume_state(self, path: Path, model_sd: dict, optim_sd: dict, state: dict) -> None:
@@ -638,6 +668,14 @@ class KDTADRecipe(FTRecipeInterface):
             optim_sd = self._optimizer.state_dict()
             per_rank = [{"dataloader": self._dataloader.state_dict(), "rng": rng_state()}]
         if self._is_rank_zero:
+            for what, state in (("student weight", model_sd), ("optimizer state", optim_sd)):
+                bad = first_nonfinite(state)
+                if bad is not None:
+                    raise NonFiniteError(
+                        f"refusing to save the step-{self.global_step} checkpoint: {what} {bad}; the last saved "
+                        f"checkpoint under {self._checkpoint_root} is unchanged. Lower optimizer.lr or set "
+                        "clip_grad_norm, then resume from it"
+                    )
             recipe_state = {
                 "global_step": self.global_step,
                 "epochs_run": self.epochs_run,
@@ -650,7 +688,13 @@ class KDTADRecipe(FTRecipeInterface):
                 "nonfinite_skipped_steps": self._guard.skipped,
             }
             path = save_step_checkpoint(
-                self._checkpoint_root, self.global_step, model_sd, optim_sd, recipe_state, keep_last_n=self._keep_last_n
+                self._checkpoint_root,
+                self.global_step,
+                model_sd,
+                optim_sd,
+                recipe_state,
+                keep_last_n=self._keep_last_n,
+                run=run_record(self._run_id, self._config, self.world_size),
             )
             log.info(f"saved step checkpoint {path}")
             if final:
@@ -704,10 +748,13 @@ class KDTADRecipe(FTRecipeInterface):
         if self._teacher_model is not None:
             with torch.no_grad():
                 teacher_logits = non_empty(self._teacher_model(tokens, **model_kwargs))
-                self._guard.watch("teacher_logits", _finite_probe(teacher_logits))
                 if self._hidden_teacher is not None:
                     teacher_hidden = self._hidden_teacher.pop()
         student_logits = non_empty(self._model(tokens, **model_kwargs))
+        if teacher_logits is not None:
+            # Only the columns the loss reads: a teacher's extra vocabulary rows are cut, as on the fused path.
+            vocab = student_logits[0].size(-1)
+            self._guard.watch("teacher_logits", _finite_probe([c[..., :vocab] for c in teacher_logits]))
         self._guard.watch("student_logits", _finite_probe(student_logits))
         label_chunks = labels.split([c.size(1) for c in student_logits], dim=1)
 
@@ -799,6 +846,8 @@ class KDTADRecipe(FTRecipeInterface):
             self._sampler.set_epoch(self.epochs_run)
             it = iter(self._dataloader)
             while self._steps_in_epoch < self._steps_per_epoch:
+                if self._parent_watch is not None:
+                    self._parent_watch.check()
                 t0 = time.perf_counter()
                 micro = self._next_micro_batches(it)
                 # N: valid tokens of the whole step on all ranks, known before any backward.
@@ -824,6 +873,7 @@ class KDTADRecipe(FTRecipeInterface):
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
+                self._guard.watch("update", self._applied_update_scale(grad_norm))
                 if not self._guard.before_optimizer_step(self.global_step + 1, grad_norm, micro):
                     pass  # a non-finite value: no optimizer step (the guard counted and logged it, or raised)
                 elif float(num_tokens) > 0:
@@ -853,6 +903,20 @@ class KDTADRecipe(FTRecipeInterface):
             self._steps_in_epoch = 0
         pbar.close()
         self.save_checkpoint(final=True)
+
+    def _applied_update_scale(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """0-d: the norm of the gradients the optimizer will see (after clipping) times every learning rate.
+
+        Finite iff what the optimizer applies is: a NaN ``max_norm`` makes every clipped gradient NaN although
+        the pre-clip norm is finite, and an infinite learning rate turns finite gradients into infinite steps.
+        """
+        norm = torch.as_tensor(grad_norm).detach().double()
+        if self._clip_grad_norm:
+            # clip_grad_norm_ multiplies every gradient by min(1, max_norm / (norm + 1e-6)).
+            coef = (float(self._clip_grad_norm) / (norm + 1e-6)).clamp(max=1.0)
+            norm = norm * coef
+        lrs = [float(g["lr"]) for g in self._optimizer.param_groups]
+        return norm * torch.tensor(lrs, dtype=torch.float64, device=norm.device).sum()
 
     def _step_metrics(
         self,
@@ -932,6 +996,8 @@ class KDTADRecipe(FTRecipeInterface):
                 cap.remove()
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+        if self._run_lock is not None:
+            self._run_lock.release()
 
 
 def _loss_weights(cfg: DictConfig) -> tuple[float, float]:
@@ -994,5 +1060,12 @@ def recipe_main(cfg: DictConfig) -> None:
     run(cfg)
 
 
+def main() -> int:
+    """``python -m``/``tune run`` entry: a refused input is one message on stderr and exit code 1, no traceback
+    (``--debug`` or ``TAD_DEBUG=1`` re-raises it; ``tad_torchtune.reliability.errors``)."""
+    debug, sys.argv = debug_requested(sys.argv)
+    return run_reporting(recipe_main, "knowledge_distillation_tad", debug)
+
+
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(main())

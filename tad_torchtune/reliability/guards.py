@@ -29,8 +29,9 @@ from tad_torchtune.reliability.fault import fault_point, trace_step
 log = logging.getLogger(__name__)
 
 POLICIES = ("skip", "stop")
-# Report order: the earliest place a non-finite value can enter the step.
-_ORDER = ("teacher_logits", "student_logits", "loss", "gradients")
+# Report order: the earliest place a non-finite value can enter the step. ``update``: the clipped gradient norm
+# times the learning rate(s), i.e. what the optimizer will apply.
+_ORDER = ("teacher_logits", "student_logits", "loss", "gradients", "update")
 
 
 class NonFiniteError(RuntimeError):
@@ -42,6 +43,40 @@ def _all_finite(x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         flags = [torch.isfinite(c).all() for c in x if c.numel() > 0]
         return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
     return torch.isfinite(x).all()
+
+
+def first_nonfinite(state: Any, prefix: str = "") -> str | None:
+    """Names the first tensor of a (nested) state dict holding NaN or inf, with counts; None when all are finite.
+
+    One read per floating tensor: an fp32 sum is finite iff every value is (short of values averaging above
+    ~1e30, which then get the exact ``isfinite`` check); only a tensor that fails is scanned element-wise.
+
+    Returns:
+        str | None: e.g. ``"'tok_embeddings.weight' has 64 NaN and 0 inf of 16576 values (first at index (258, 0))"``.
+    """
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, torch.Tensor):
+            if not value.is_floating_point() or value.numel() == 0:
+                continue
+            t = value.full_tensor() if hasattr(value, "full_tensor") else value
+            if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+                continue
+            finite = torch.isfinite(t)
+            if bool(finite.all()):
+                continue  # finite values whose sum overflowed fp32
+            n_nan = int(torch.isnan(t).sum())
+            where = tuple(int(i) for i in (~finite).nonzero()[0].tolist())
+            return (
+                f"'{name}' has {n_nan} NaN and {int((~finite).sum()) - n_nan} inf of {t.numel()} values "
+                f"(first at index {where})"
+            )
+        elif isinstance(value, (dict, list, tuple)):
+            found = first_nonfinite(value, name)
+            if found is not None:
+                return found
+    return None
 
 
 class NonFiniteGuard:
@@ -87,8 +122,8 @@ class NonFiniteGuard:
     def before_optimizer_step(self, step: int, grad_norm: torch.Tensor, micro_batches: list[dict[str, Any]]) -> bool:
         """Reads the step's flags (one sync); returns True when the optimizer may step.
 
-        Also the hook for the crash tests (:func:`~tad_torchtune.reliability.fault.trace_step` and the
-        ``mid_step`` fault point), which both do nothing unless their env vars are set.
+        Also where the crash tests' hooks fire (:func:`~tad_torchtune.reliability.fault.trace_step` and the
+        ``mid_step`` fault point), which do nothing unless a test installed them.
 
         Args:
             step (int): the global step being taken (1-based).
@@ -125,7 +160,9 @@ class NonFiniteGuard:
         micro = next((m for n, m in hits if n == first and m >= 0), 0)
         tokens = micro_batches[min(micro, len(micro_batches) - 1)]["tokens"]
         head = tokens[0, : self.num_report_tokens].tolist()
-        where = f"micro-batch {micro}" if first != "gradients" else "after backward"
+        where = {"gradients": "after backward", "update": "after clipping, times the learning rate"}.get(
+            first, f"micro-batch {micro}"
+        )
         return (
             f"non-finite values at step {step}: first in {first} ({where}); non-finite: {', '.join(names)}; "
             f"batch's first tokens (row 0): {head}"

@@ -3,6 +3,9 @@
 The manifest is written last, inside the temporary folder, just before the atomic rename; a folder is a
 *complete* checkpoint only if its manifest exists, parses, and every file it lists has the recorded size
 and hash (and no listed file is missing). Anything else is incomplete or corrupt and is skipped on resume.
+
+The manifest also records which run wrote the checkpoint (``run``: run id, config fingerprint, world size and the
+resolved config; :mod:`tad_torchtune.reliability.run_identity`), so a run never prunes or resumes another's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ _FORMAT = "tad_torchtune.checkpoint/1"
 _BLOCK = 1 << 22  # 4 MiB reads: hashing runs at disk speed
 log = utils.get_logger("INFO")
 _VERIFIED: set[tuple] = set()  # (folder, per-file (name, size, mtime_ns, inode, sha256)) already hashed OK
+_WARNED: set[tuple[str, str]] = set()  # (folder, reason) already warned about: validation and resume share a process
 
 
 def sha256_file(path: str | Path) -> str:
@@ -31,12 +35,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: str | Path, step: int | None = None) -> Path:
+def write_manifest(folder: str | Path, step: int | None = None, run: dict | None = None) -> Path:
     """Hashes every file in ``folder`` (not sub-folders) and writes ``folder/manifest.json`` durably.
 
     Args:
         folder (str | Path): the (temporary) checkpoint folder, already holding its fsynced files.
         step (int | None): global step, recorded for humans. Default: None
+        run (dict | None): the writing run's identity (JSON-serialisable; ``run_identity.run_record``). Default: None
 
     Returns:
         Path: the manifest path.
@@ -49,7 +54,10 @@ def write_manifest(folder: str | Path, step: int | None = None) -> Path:
     }
     out = folder / MANIFEST
     with open(out, "w") as f:
-        json.dump({"format": _FORMAT, "step": step, "files": files}, f, indent=1)
+        record = {"format": _FORMAT, "step": step, "files": files}
+        if run is not None:
+            record["run"] = run
+        json.dump(record, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     return out
@@ -106,15 +114,28 @@ def newest_verified(candidates: list[Path], required: tuple[str, ...] = ()) -> P
         problem = verify_manifest(path, required)
         if problem is None:
             return path
-        log.warning(f"skipping checkpoint {path}: {problem}; trying the previous one")
+        if (str(path), problem) not in _WARNED:
+            _WARNED.add((str(path), problem))
+            log.warning(f"skipping checkpoint {path}: {problem}; trying the previous one")
     return None
 
 
+def read_run_record(folder: str | Path) -> dict | None:
+    """The ``run`` record of a checkpoint's manifest (None when absent: no manifest, or one written before runs
+    were recorded)."""
+    try:
+        run = json.loads((Path(folder) / MANIFEST).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if isinstance(run, dict) else None
+
+
 def remove_stale_partials(root: str | Path) -> list[Path]:
-    """Deletes ``step_*.tmp-*`` / ``step_*.old-*`` folders left by a crashed writer (call from the only writer)."""
+    """Deletes ``step_*.tmp-*`` / ``.old-*`` / ``.del-*`` folders a crash left behind (an interrupted write, same-step
+    rewrite or prune); call only from the process that holds the run lock."""
     removed = []
     for p in Path(root).glob("step_*.*-*"):
-        if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name):
+        if p.is_dir() and any(tag in p.name for tag in (".tmp-", ".old-", ".del-")):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

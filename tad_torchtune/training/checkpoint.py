@@ -8,7 +8,9 @@ Layout (``output_dir/checkpoints/step_0000100/``):
 
 A checkpoint is first written to ``step_N.tmp-<pid>`` and then renamed into place, so a crash leaves
 either the previous complete checkpoint or a ``.tmp`` folder that :func:`find_latest_checkpoint` ignores;
-a folder named ``step_N`` is always complete.
+a folder named ``step_N`` is always complete. Pruning renames a folder to ``step_N.del-<pid>`` before deleting
+it, so a crash mid-delete never leaves a half-deleted ``step_N``; leftovers are removed at the next start.
+Only checkpoints of the writing run (same run id in the manifest) are ever pruned.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ import numpy as np
 import torch
 
 from tad_torchtune.reliability.fault import fault_point
-from tad_torchtune.reliability.manifest import newest_verified, remove_stale_partials, write_manifest
+from tad_torchtune.reliability.manifest import (
+    newest_verified,
+    read_run_record,
+    remove_stale_partials,
+    write_manifest,
+)
 from tad_torchtune.reliability.safe_load import safe_load
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -55,6 +62,7 @@ def save_step_checkpoint(
     optimizer_state: dict[str, Any],
     recipe_state: dict[str, Any],
     keep_last_n: int | None = None,
+    run: dict[str, Any] | None = None,
 ) -> Path:
     """Writes one step checkpoint atomically (call on one process only).
 
@@ -64,7 +72,10 @@ def save_step_checkpoint(
         model_state (dict): full model state dict.
         optimizer_state (dict): full optimizer state dict.
         recipe_state (dict): everything else needed to continue exactly.
-        keep_last_n (int | None): delete older complete checkpoints beyond this many. Default: None (keep all)
+        keep_last_n (int | None): delete older complete checkpoints of this run beyond this many. Default: None
+            (keep all)
+        run (dict | None): the run's record for the manifest (``run_identity.run_record``); with it, only folders
+            whose manifest names the same run id are pruned. Default: None (prune any)
 
     Returns:
         Path: the final checkpoint folder.
@@ -82,9 +93,9 @@ def save_step_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         if name == FILES[0]:
-            fault_point("mid_checkpoint", step)  # crash tests only (TAD_FAULT_INJECT); no-op otherwise
+            fault_point("mid_checkpoint", step)  # a no-op unless a crash test installed a hook
     # The manifest (sizes + SHA-256) is written last: a folder without a valid one is never resumed from.
-    write_manifest(tmp, step)
+    write_manifest(tmp, step, run=run)
     fault_point("before_rename", step)
     if final.exists():
         # Same step written again (e.g. a resumed run saving at its first step): move the old one aside first.
@@ -98,9 +109,20 @@ def save_step_checkpoint(
     fault_point("after_rename", step)
     remove_stale_partials(root)  # .tmp folders of writes a crash interrupted
     if keep_last_n is not None and keep_last_n > 0:
-        for old in list_checkpoints(root)[:-keep_last_n]:
-            shutil.rmtree(old, ignore_errors=True)
+        run_id = run.get("id") if run is not None else None
+        own = [p for p in list_checkpoints(root) if run_id is None or (read_run_record(p) or {}).get("id") == run_id]
+        for old in own[:-keep_last_n]:
+            _delete_atomically(old, step)
     return final
+
+
+def _delete_atomically(folder: Path, step: int) -> None:
+    """Renames ``folder`` aside (one atomic step: it stops being a checkpoint), then deletes it."""
+    trash = folder.with_name(f"{folder.name}.del-{os.getpid()}")
+    os.replace(folder, trash)
+    _fsync_dir(folder.parent)
+    fault_point("mid_prune", step)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

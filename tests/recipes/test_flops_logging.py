@@ -167,7 +167,7 @@ def test_a_model_the_count_cannot_describe_trains_without_flop_metrics(tiny_asse
         ("peak_flops", "a100s", r"peak_flops='a100s' is neither a number nor a known device"),
         ("peak_flops", "12 TFLOPs", r"peak_flops='12 TFLOPs' is neither"),
         ("peak_flops", True, r"peak_flops=True is not a FLOP/s value"),
-        ("log_flops", "yes", r"log_flops must be true or false, got log_flops='yes'"),
+        ("log_flops", "yes", r"log_flops: must be true or false, got log_flops='yes'"),
     ],
 )
 def test_bad_values_raise_before_anything_is_built(tiny_assets, tmp_path, monkeypatch, key, value, match):

@@ -33,7 +33,7 @@ def tree_hash(root: Path) -> dict[str, str]:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for recipe subprocesses: one thread (bitwise-reproducible CPU math), venv bin on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAD_FAULT", "TAD_TRACE"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEST_FAULT", "TEST_TRACE"))}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)

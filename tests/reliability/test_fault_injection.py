@@ -1,11 +1,13 @@
 """SIGKILL the real training process at seeded points, resume, finish: the result equals an uninterrupted run.
 
-Kill points (``TAD_FAULT_INJECT``, ``tad_torchtune.reliability.fault``): mid-step (after backward, before the
-optimizer step), mid-checkpoint-write (first file written), before the atomic rename (all files and the
-manifest written) and after it (before pruning). Each run is chained: the next process resumes from what the
-killed one left. Checked after every kill: the resumed process starts at the newest complete checkpoint, it
-sees exactly the reference's data windows from there on (``TAD_TRACE_BATCHES``), every logged loss equals
-the uninterrupted run's, and the final weights are identical (fp32; the 1e-6 bound is met with equality).
+Kill points (hooks the test runner ``tests/reliability/fault_runner.py`` installs into
+``tad_torchtune.reliability.fault``; production code reads no environment variable for them): mid-step (after
+backward, before the optimizer step), mid-checkpoint-write (first file written), before the atomic rename (all
+files and the manifest written), after it (before pruning) and mid-prune (an old checkpoint renamed aside).
+Each run is chained: the next process resumes from what the killed one left. Checked after every kill: the resumed
+process starts at the newest complete checkpoint, it sees exactly the reference's data windows from there on (the
+runner's data-window trace), every logged loss equals the uninterrupted run's, and the final weights are identical
+(fp32; the 1e-6 bound is met with equality).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tad_torchtune.reliability.fault import POINTS
 from tests.reliability.conftest import REPO_ROOT, TINY_CONFIG, subprocess_env
 
 pytestmark = pytest.mark.integration_test
@@ -39,16 +40,18 @@ ONE_PROC = [
 TWO_PROC = ["epochs=1", "max_steps_per_epoch=4", f"save_every_n_steps={SAVE_EVERY}", "batch_size=2",
             "log_peak_memory_stats=false"]  # fmt: skip
 TIMEOUT = 300
+# Points a seeded chain draws from (mid_prune only fires at saves that prune, so the named chain covers it).
+SEEDED_POINTS = ("mid_step", "mid_checkpoint", "before_rename", "after_rename")
 
 
 def _launch(assets: Path, out: Path, overrides: list[str], *, resume: bool, trace: Path, kill: str | None, nproc=1):
-    cmd = [sys.executable, "-m", "tad_torchtune.recipes.kd_tad"]
+    cmd = [sys.executable, "-m", "tests.reliability.fault_runner"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "--monitor-interval=0.5", "-m", "tad_torchtune.recipes.kd_tad"]  # fmt: skip
+               "--monitor-interval=0.5", "-m", "tests.reliability.fault_runner"]  # fmt: skip
     cmd += ["--config", str(TINY_CONFIG), f"assets_dir={assets}", f"output_dir={out}", *overrides]
     cmd.append(f"resume_from_checkpoint={str(resume).lower()}")
-    env = subprocess_env(TAD_TRACE_BATCHES=str(trace), **({"TAD_FAULT_INJECT": kill} if kill else {}))
+    env = subprocess_env(TEST_TRACE_BATCHES=str(trace), **({"TEST_FAULT_INJECT": kill} if kill else {}))
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -91,7 +94,7 @@ def reference(assets, tmp_path_factory) -> dict:
 
 def _after_kill(c: int, point: str, step: int) -> int:
     """Newest complete checkpoint after a kill at (point, step), given the process resumed from ``c``."""
-    if point == "after_rename":
+    if point in ("after_rename", "mid_prune"):
         return step
     if point == "mid_step":
         return max(c, (step - 1) // SAVE_EVERY * SAVE_EVERY)
@@ -129,7 +132,7 @@ def _run_chain(assets: Path, out: Path, kills: list[str], ref: dict) -> int:
     final = _weights(out, ref["steps"])
     for k, v in ref["weights"].items():
         torch.testing.assert_close(final[k], v, rtol=0, atol=1e-6)
-    assert not list((out / "checkpoints").glob("*.tmp-*"))  # interrupted writes were cleaned up
+    assert not list((out / "checkpoints").glob("step_*.*-*"))  # interrupted writes and deletes were cleaned up
     assert len(list((out / "checkpoints").glob("step_*"))) <= 2  # keep_last_n_checkpoints
     assert (out / "epoch_1").is_dir()  # the final student export happened exactly once the run finished
     return len(kills)
@@ -141,15 +144,16 @@ def test_named_kill_points_resume_exactly(assets, reference, tmp_path):
         "mid_checkpoint:4",  # model.pt of step 4 written, nothing else
         "before_rename:4",  # every file + manifest written, folder not renamed: still incomplete
         "after_rename:4",  # step 4 complete (end of epoch 0), older ones not yet pruned
+        "mid_prune:6",  # step 6 complete, step 2 renamed aside for deletion, not yet deleted
         "mid_checkpoint:8",  # during the final save
     ]
-    assert _run_chain(assets, tmp_path / "run", kills, reference) == 5
+    assert _run_chain(assets, tmp_path / "run", kills, reference) == 6
 
 
 def _seeded_kills(seed: int, n: int) -> list[str]:
     rng, c, kills = random.Random(seed), 0, []
     while len(kills) < n:
-        point = rng.choice(POINTS)
+        point = rng.choice(SEEDED_POINTS)
         saves = [s for s in range(SAVE_EVERY, TOTAL_STEPS + 1, SAVE_EVERY) if s > c]
         step = rng.randint(c + 1, TOTAL_STEPS) if point == "mid_step" else rng.choice(saves)
         if _after_kill(c, point, step) >= TOTAL_STEPS or f"{point}:{step}" in kills:

@@ -139,3 +139,15 @@ def test_guard_unit_detection_is_per_tensor():
     assert guard.skipped == 1
     with pytest.raises(ValueError, match="nonfinite_policy must be one of"):
         NonFiniteGuard("ignore")
+
+
+def test_first_nonfinite_names_the_tensor_and_ignores_large_finite_values():
+    from tad_torchtune.reliability.guards import first_nonfinite
+
+    state = {"a": torch.ones(3, 4), "opt": {"state": {0: {"exp_avg": torch.full((5,), 3e38)}}}, "n": torch.arange(3)}
+    assert first_nonfinite(state) is None  # the fp32 sum overflows, the values are finite
+    state["opt"]["state"][0]["exp_avg"][2] = float("-inf")
+    assert first_nonfinite(state) == "'opt.state.0.exp_avg' has 0 NaN and 1 inf of 5 values (first at index (2,))"
+    state["a"][1, 2] = float("nan")
+    assert first_nonfinite(state) == "'a' has 1 NaN and 0 inf of 12 values (first at index (1, 2))"
+    assert first_nonfinite({"b": torch.ones(2, dtype=torch.bfloat16)}) is None

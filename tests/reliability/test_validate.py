@@ -189,13 +189,10 @@ CASES = [
         r"cannot be created: .* is a file",
     ),
     (
-        "resume_nothing",
-        lambda c, a, t: (
-            OmegaConf.update(c, "output_dir", str(t / "fresh")),
-            OmegaConf.update(c, "resume_from_checkpoint", True),
-        ),
+        "new_run_in_another_runs_folder",
+        lambda c, a, t: OmegaConf.update(c, "resume_from_checkpoint", False),
         "resume_from_checkpoint",
-        r"no complete checkpoint under .* to resume from",
+        r"false \(a new run\), but .* holds 1 checkpoint\(s\) of another run .*set resume_from_checkpoint=true",
     ),
     (
         "resume_incomplete_path",
@@ -213,7 +210,8 @@ def test_good_config_has_no_problems(assets, run_dir):
 
 @pytest.mark.parametrize("name,mutate,key,pattern", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_clear_problem(assets, run_dir, tmp_path, name, mutate, key, pattern):
-    cfg = tiny_cfg(assets, run_dir)
+    # run_dir holds a checkpoint: only a resume may use that folder (a new run there is refused, a case below).
+    cfg = tiny_cfg(assets, run_dir, resume_from_checkpoint=True)
     mutate(cfg, assets, tmp_path)
     before = tree_hash(run_dir)
     problems = validate_config(cfg)
@@ -231,7 +229,7 @@ def test_recipe_refuses_bad_config_before_anything(assets, run_dir):
     from tad_torchtune.recipes.kd_tad import KDTADRecipe
 
     before = tree_hash(run_dir)
-    cfg = tiny_cfg(assets, run_dir, epohcs=3)
+    cfg = tiny_cfg(assets, run_dir, epohcs=3, resume_from_checkpoint=True)
     OmegaConf.update(cfg, "kd_loss.beta", -2.0)
     with pytest.raises(ConfigValidationError) as info:
         KDTADRecipe(cfg)
@@ -242,11 +240,12 @@ def test_recipe_refuses_bad_config_before_anything(assets, run_dir):
 
 def test_cli_prints_one_line_per_problem(assets, run_dir, capsys):
     argv = ["--config", str(TINY_CONFIG), f"assets_dir={assets}", f"output_dir={run_dir}"]
+    argv.append("resume_from_checkpoint=true")
     assert main(argv) == 0 and capsys.readouterr().out.strip() == "OK"
     assert main([*argv, "optimizer.lr=0", "kd_loss.topk=3"]) == 1
     out = capsys.readouterr()
     assert out.out.splitlines() == [
         "kd_loss.topk: tad_torchtune.TADLoss has no argument 'topk'; did you mean 'top_k'?",
-        "optimizer.lr: must be > 0, got 0",
+        "optimizer.lr: must be > 0, got 0; typical values are 1e-6 to 1e-3",
     ]
     assert "Traceback" not in out.err
