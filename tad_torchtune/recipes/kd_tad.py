@@ -211,7 +211,8 @@ class KDTADRecipe(FTRecipeInterface):
         """Builds everything: logger, tokenizer, student, teacher, losses, optimizer, data, scheduler; resumes."""
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
-            self._metric_logger.log_config(cfg)
+            self._metric_logger.log_config(cfg)  # torchtune's loggers save output_dir/torchtune_config.yaml
+            log.info(f"resolved config: {Path(cfg.output_dir) / 'torchtune_config.yaml'}")
 
         resume_state = self._find_resume_state(cfg)
 
@@ -935,8 +936,7 @@ def _freeze(model: nn.Module, patterns: list[str]) -> None:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``python -m tad_torchtune.recipes.kd_tad --config X [key=value ...]``."""
-    config.log_config(recipe_name="KDTADRecipe", cfg=cfg)
-    recipe = KDTADRecipe(cfg=cfg)
+    recipe = KDTADRecipe(cfg=cfg)  # the resolved config goes to a file in output_dir (setup), not the log
     try:
         recipe.setup(cfg=cfg)
         recipe.train()
