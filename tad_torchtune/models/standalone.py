@@ -268,7 +268,7 @@ def _heldout_from_results(path: Path, run_name: str | None) -> dict[str, float] 
     out: dict[str, float] = {}
     for task, metrics in (data.get("results") or {}).items():
         for key, value in metrics.items():
-            if isinstance(value, int | float) and "stderr" not in key and key != "alias":
+            if isinstance(value, int | float) and "stderr" not in key and key not in ("alias", "sample_len"):
                 out[f"{task} {key.split(',')[0]}"] = float(value)
     if "full_ece" in data and isinstance(data["full_ece"], dict):
         out["Full-ECE"] = float(data["full_ece"]["full_ece"])
