@@ -483,14 +483,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.checkpoints:
             p.error("--checkpoints needs at least one checkpoint directory")
 
-    if args.cmd == "compare":
-        runs = {name: read_heldout_csv(path, args.column) for name, path in _parse_runs(args.run).items()}
-        ylabel = "held-out KL (nats/token)" if args.column == "kl" else f"held-out {args.column}"
-        out = plot_heldout_kl(runs, args.out, title=args.title, ylabel=ylabel)
-        print(f"wrote {out}")
-        return 0
-
     try:
+        if args.cmd == "compare":
+            runs = {name: read_heldout_csv(path, args.column) for name, path in _parse_runs(args.run).items()}
+            ylabel = "held-out KL (nats/token)" if args.column == "kl" else f"held-out {args.column}"
+            out = plot_heldout_kl(runs, args.out, title=args.title, ylabel=ylabel)
+            print(f"wrote {out}")
+            return 0
         return _run(args)
     except (FileNotFoundError, ValueError) as err:  # bad input: one line naming it, no traceback
         print(f"tad-tune diagnose {args.cmd}: {err}", file=sys.stderr)

@@ -40,3 +40,9 @@ def test_missing_config_is_one_line(tmp_path, capsys):
     assert main(["ece", "--config", str(tmp_path / "nope.yaml"), "--text", "x.txt"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tad-tune diagnose ece: config ") and "shipped config name" in err
+
+
+def test_compare_with_a_missing_csv_is_one_line(tmp_path, capsys):
+    assert main(["compare", "--run", f"TAD={tmp_path / 'nope.csv'}", "--out", str(tmp_path / "k.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tad-tune diagnose compare: ") and "nope.csv" in err and len(err.splitlines()) == 1
