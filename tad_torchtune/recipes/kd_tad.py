@@ -29,6 +29,10 @@ See ``docs/recipe.md`` for every config key.
 
 from __future__ import annotations
 
+# isort: off
+import tad_torchtune  # noqa: F401  first: its dependency-noise filters must precede torchtune's torchao import
+
+# isort: on
 import math
 import os
 import resource
