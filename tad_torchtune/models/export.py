@@ -244,6 +244,12 @@ def _tokenizer_files(
     return None, ids
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view into a larger storage (weights saved from a 2-process FSDP run load as
+    slices of one buffer), which safetensors refuses to write."""
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+
+
 def export_hf(
     model_or_state_dict: nn.Module | dict[str, torch.Tensor],
     family: str,
@@ -309,7 +315,7 @@ def export_hf(
         pad = eos_one  # what transformers' generate falls back to anyway; stated, not left null
     hf_sd = to_hf_state_dict(family, args, sd)
     w_dtype = dtype or next(iter(hf_sd.values())).dtype
-    hf_sd = {k: v.detach().to("cpu", w_dtype).contiguous() for k, v in hf_sd.items()}
+    hf_sd = {k: _own_storage(v.detach().to("cpu", w_dtype).contiguous()) for k, v in hf_sd.items()}
     cfg = hf_config(family, args, dtype=w_dtype, bos_token_id=bos, eos_token_id=eos_one, pad_token_id=pad)
     cfg.save_pretrained(out)
     save_torch_state_dict(hf_sd, out, max_shard_size=max_shard_size, metadata={"format": "pt"})

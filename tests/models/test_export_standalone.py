@@ -215,3 +215,26 @@ def test_tokenizer_source_dir_finds_hf_folder_of_config_paths(tmp_path):
     assert standalone.tokenizer_source_dir({"_component_": "q", "path": str(hf / "vocab.json")}) == hf
     assert standalone.tokenizer_source_dir({"path": str(hf / "original" / "tokenizer.model")}) == hf
     assert standalone.tokenizer_source_dir({"path": str(tmp_path / "missing.model"), "max_seq_len": 8}) is None
+
+
+def test_weights_that_are_views_of_one_buffer_export(tmp_path):
+    """A state dict whose tensors share one storage (as a 2-process run's final checkpoint loads) exports."""
+    from torchtune.models.qwen2 import qwen2
+
+    from tad_torchtune.models.export import export_hf, load_weights
+
+    model = qwen2(**STUDENT_KWARGS)
+    sd = {k: v for k, v in model.state_dict().items() if "rope" not in k}
+    flat = torch.cat([v.flatten() for v in sd.values()])
+    views, at = {}, 0
+    for k, v in sd.items():
+        views[k] = flat[at : at + v.numel()].view(v.shape)
+        at += v.numel()
+    torch.save(views, tmp_path / "model.pt")
+    loaded = load_weights(tmp_path / "model.pt")
+    assert loaded["tok_embeddings.weight"].untyped_storage().nbytes() > loaded["tok_embeddings.weight"].nbytes
+    out = export_hf(loaded, "qwen2", STUDENT_KWARGS, tmp_path / "hf", tokenizer=ByteTokenizer())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model.eval()(x), rtol=0, atol=1e-4)
