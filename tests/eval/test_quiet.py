@@ -11,11 +11,16 @@ from tad_torchtune._quiet import quiet_git_hash
 
 
 def test_known_messages_dropped_others_kept(caplog):
+    # `tad-tune`'s entry point may have raised torchao's level in this process; the filter is what is tested
+    torchao_logger = logging.getLogger("torchao")
+    level = torchao_logger.level
+    torchao_logger.setLevel(logging.NOTSET)
     with caplog.at_level(logging.WARNING):
         logging.getLogger("torchao").warning("Skipping import of cpp extensions due to incompatible torch version")
         logging.getLogger("torchao").warning("something else from torchao")
         logging.getLogger("lm_eval.api.task").warning("t: Custom kwargs can be passed to `--metadata` in console")
         logging.getLogger("lm_eval.api.task").warning("a real task warning")
+    torchao_logger.setLevel(level)
     assert [r.getMessage() for r in caplog.records] == ["something else from torchao", "a real task warning"]
 
 
