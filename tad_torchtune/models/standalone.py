@@ -220,6 +220,18 @@ def finish_tokenizer_config(
 
 # ------------------------------------------------------------------------------------------ run facts and card
 _STEP_LINE = re.compile(r"^Step (\d+) \| (.*)$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _dims(node: Mapping[str, Any]) -> str:
+    """`` (llama3, 30 layers, dim 576)`` for a model node, or "" when its builder is unknown."""
+    try:
+        from tad_torchtune.models.export import resolve_model_node  # lazy: export imports this module
+
+        family, args = resolve_model_node(dict(node))
+        return f" ({family}, {args['num_layers']} layers, dim {args['embed_dim']})"
+    except Exception:  # an unknown builder: the component path alone
+        return ""
 
 
 def _read_disk_logs(log_dir: Path) -> dict[int, dict[str, float]]:
@@ -297,7 +309,7 @@ def run_facts(cfg: Mapping[str, Any] | None, weights: Path | None, results: Path
         t = cfg.get("teacher_model")
         if t:
             ck = (cfg.get("teacher_checkpointer") or {}).get("checkpoint_dir")
-            facts["teacher"] = f"`{t.get('_component_')}`" + (f" (weights: `{ck}`)" if ck else "")
+            facts["teacher"] = f"`{t.get('_component_')}`" + _dims(t) + (f", weights `{ck}`" if ck else "")
         kd = cfg.get("kd_loss")
         parts = []
         if kd:
@@ -324,6 +336,9 @@ def run_facts(cfg: Mapping[str, Any] | None, weights: Path | None, results: Path
             facts["steps"] = max(steps)
             if all("num_tokens" in r for r in steps.values()):
                 facts["tokens"] = int(sum(r["num_tokens"] for r in steps.values()))
+        else:  # another metric logger: the last step checkpoint's number is still the step count
+            done = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("step_*") if (m := _STEP_DIR.match(p.name))]
+            facts["steps"] = max(done) if done else None
     if results is None and run_dir is not None and (run_dir.parent.parent / "results.json").is_file():
         results = run_dir.parent.parent / "results.json"
     if results is not None:
