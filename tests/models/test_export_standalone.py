@@ -238,3 +238,17 @@ def test_weights_that_are_views_of_one_buffer_export(tmp_path):
     x = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model.eval()(x), rtol=0, atol=1e-4)
+
+
+def test_run_facts_without_disk_logs_take_steps_from_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    (run / "epoch_0").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000007").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000003").mkdir()
+    (run / "torchtune_config.yaml").write_text("output_dir: x\n")
+    facts = standalone.run_facts({"teacher_model": {"_component_": "torchtune.models.qwen2.qwen2", **STUDENT_KWARGS}},
+                                 run / "epoch_0")  # fmt: skip
+    assert facts["steps"] == 7 and facts["tokens"] is None
+    assert "(qwen2, 2 layers, dim 64)" in facts["teacher"]
+    assert facts["loss"] == "1.0 x cross-entropy"  # no kd_loss in this config: CE only
+    assert standalone.unknown_facts(facts) == ["data (--data)", "tokens (--tokens)", "heldout (--eval-results)"]
