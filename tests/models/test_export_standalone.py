@@ -252,3 +252,36 @@ def test_run_facts_without_disk_logs_take_steps_from_checkpoints(tmp_path):
     assert "(qwen2, 2 layers, dim 64)" in facts["teacher"]
     assert facts["loss"] == "1.0 x cross-entropy"  # no kd_loss in this config: CE only
     assert standalone.unknown_facts(facts) == ["data (--data)", "tokens (--tokens)", "heldout (--eval-results)"]
+
+
+@pytest.mark.integration_test
+def test_recipe_hf_output_completed_by_export_hf(tmp_path, capsys):
+    """HF in, HF out (torchtune's HF checkpointer writes weights + config.json); export-hf on that epoch folder
+    adds the tokenizer, ids and card, and keeps the weights."""
+    from tad_torchtune.models.export import export_hf
+    from tests.recipes.conftest import run_in_process
+
+    assets = write_tiny_assets(tmp_path / "assets")
+    kw = STUDENT_KWARGS
+    hf_in = export_hf(torch.load(assets / "student/model.pt", weights_only=True), "qwen2", kw, tmp_path / "in")
+    out = tmp_path / "out"
+    cfg = tiny_config(assets, out, max_steps_per_epoch=2)
+    cfg.checkpointer = {
+        "_component_": "torchtune.training.FullModelHFCheckpointer",
+        "checkpoint_dir": str(hf_in),
+        "checkpoint_files": ["model.safetensors"],
+        "model_type": "QWEN2",
+        "output_dir": str(out),
+    }
+    torch.set_num_threads(1)
+    run_in_process(cfg)
+    epoch = next(p for p in out.glob("epoch_*") if p.is_dir())
+    rc, _, err = _export(["--weights", str(epoch), "--out", str(tmp_path / "hf")], capsys)
+    assert rc == 0, err
+    a = transformers.AutoModelForCausalLM.from_pretrained(epoch).eval()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    x = torch.tensor([tok("the student learns", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(b(x).logits, a(x).logits, rtol=0, atol=0)
+    assert (b.config.eos_token_id, b.config.bos_token_id) == (257, 256)
