@@ -108,7 +108,12 @@ def extract() -> list[Unit]:
                     continue
                 for no, t in joined:
                     units.append(Unit(rel, no, t.strip()))
-            elif not lang and any(t.startswith("$ ") for _, t in body):
+            elif not lang and not any(t.startswith("$ ") for _, t in body):
+                # usage lines in plain blocks (docs/reliability.md): a line that starts with our commands
+                for no, t in _join(body):
+                    if re.match(r"(tad-tune|tune) \w", t):
+                        units.append(Unit(rel, no, t.strip()))
+            elif not lang:
                 cur: Unit | None = None
                 for no, t in body:
                     if t.startswith("$ "):
