@@ -4,7 +4,11 @@ Public names are the ones configs reference by ``_component_`` path, e.g.
 ``kd_loss._component_=tad_torchtune.TADLoss``.
 """
 
-from tad_torchtune.losses import (
+from tad_torchtune import _quiet
+
+_quiet.install()  # before torchtune/torchao are imported: drops three known uninformative messages
+
+from tad_torchtune.losses import (  # noqa: E402
     ChunkedDivergenceLoss,
     ForwardKLLoss,
     FusedLinearDistillationLoss,

@@ -697,7 +697,7 @@ def validate_config(
     """
     ws = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
     checker = _Checker(cfg, check_data=check_data, world_size=ws, check_lock=check_lock)
-    problems = checker.run()
+    problems = checker.run() + logger_package_problems(cfg)
     if notes is not None:
         notes.extend(checker.notes)
     return problems
@@ -759,6 +759,32 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("OK")
     return 0
+
+
+# metric logger class -> (module it imports when built, pip extra of ours or package to install)
+_LOGGER_PACKAGES = {
+    "TensorBoardLogger": ("tensorboard", "pip install 'tad_torchtune[tensorboard]'"),
+    "WandBLogger": ("wandb", "pip install 'tad_torchtune[wandb]'"),
+    "CometLogger": ("comet_ml", "pip install comet_ml"),
+    "MLFlowLogger": ("mlflow", "pip install mlflow"),
+}
+
+
+def logger_package_problems(cfg: DictConfig) -> list[Problem]:
+    """A ``metric_logger`` whose package is missing: torchtune imports it only when the run builds the logger."""
+    import importlib.util
+
+    component = str(_get(cfg, "metric_logger._component_") or "")
+    need = _LOGGER_PACKAGES.get(component.rsplit(".", 1)[-1])
+    if need is None or importlib.util.find_spec(need[0]) is not None:
+        return []
+    return [
+        Problem(
+            "metric_logger._component_",
+            f"{component} needs the `{need[0]}` package, which is not installed: {need[1]}, "
+            "or use torchtune.training.metric_logging.DiskLogger",
+        )
+    ]
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def load_tokenizer(spec: str | Path | Mapping[str, Any], **kwargs: Any) -> Any:
             - a dotted builder name (``torchtune.models.llama2.llama2_tokenizer``), called with ``kwargs``;
             - a YAML config file whose ``tokenizer:`` node is used (a recipe config);
             - a directory holding an HF ``tokenizer.json`` (and ``tokenizer_config.json`` or
-              ``generation_config.json``), loaded with torchtune's ``HuggingFaceBaseTokenizer``.
+              ``generation_config.json``), loaded with torchtune's ``HuggingFaceBaseTokenizer``; a
+              ``tokenizer.json`` file, or a folder with only that file, is read by :class:`TokenizerJSON`
+              (``bos_id``/``eos_id`` kwargs choose the special ids).
         **kwargs: extra builder arguments (override the mapping's).
 
     Returns:
@@ -60,19 +62,8 @@ def load_tokenizer(spec: str | Path | Mapping[str, Any], **kwargs: Any) -> Any:
             )
         return tt_config.instantiate(node)
     path = Path(spec)
-    if path.is_dir():
-        tok_json = path / "tokenizer.json"
-        if not tok_json.is_file():
-            raise ValueError(f"tokenizer directory {path} has no tokenizer.json (an HF fast tokenizer dir is needed)")
-        from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
-
-        cfg_json = path / "tokenizer_config.json"
-        gen_json = path / "generation_config.json"
-        return HuggingFaceBaseTokenizer(
-            str(tok_json),
-            tokenizer_config_json_path=str(cfg_json) if cfg_json.is_file() else None,
-            generation_config_path=str(gen_json) if gen_json.is_file() else None,
-        )
+    if path.is_dir() or (path.is_file() and path.suffix == ".json"):
+        return _hf_folder_tokenizer(path, **kwargs)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         cfg = OmegaConf.load(path)
         if "tokenizer" not in cfg:
@@ -89,6 +80,70 @@ def load_tokenizer(spec: str | Path | Mapping[str, Any], **kwargs: Any) -> Any:
     raise ValueError(
         f"don't know how to build a tokenizer from {spec!r}: give a dotted builder name "
         "(torchtune.models.llama2.llama2_tokenizer with path=...), an HF tokenizer directory, or a recipe YAML"
+    )
+
+
+# Names by which a bare tokenizer.json's end/begin-of-text tokens are found when no config file states them.
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>")
+
+
+class TokenizerJSON:
+    """An HF ``tokenizer.json`` alone (no ``tokenizer_config.json``/``generation_config.json``), as a tokenizer
+    with ``encode``/``decode``/``bos_id``/``eos_id``: what torchtune's ``HuggingFaceBaseTokenizer`` refuses.
+
+    Args:
+        path (str | Path): the ``tokenizer.json`` file.
+        bos_id (int | None): BOS id; None looks for a special token named ``<s>``, ``<bos>`` or
+            ``<|begin_of_text|>`` and else uses none. Default: None
+        eos_id (int | None): EOS id (separates documents); None looks for ``<|endoftext|>``, ``</s>``, ``<eos>``
+            or ``<|end_of_text|>``. Default: None
+
+    Raises:
+        ValueError: when no EOS is given or found (the message names ``eos_id``).
+    """
+
+    def __init__(self, path: str | Path, bos_id: int | None = None, eos_id: int | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        self.path = str(path)
+        self.tokenizer = Tokenizer.from_file(self.path)
+        specials = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.eos_id = eos_id if eos_id is not None else next((specials[n] for n in _EOS_NAMES if n in specials), None)
+        self.bos_id = bos_id if bos_id is not None else next((specials[n] for n in _BOS_NAMES if n in specials), None)
+        if self.eos_id is None:
+            raise ValueError(
+                f"{path} has no tokenizer_config.json/generation_config.json beside it and no special token named "
+                f"{' / '.join(_EOS_NAMES)}; give the end-of-text id: --tokenizer-arg eos_id=N"
+            )
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        head = [self.bos_id] if add_bos and self.bos_id is not None else []
+        return head + ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+
+def _hf_folder_tokenizer(path: Path, **kwargs: Any) -> Any:
+    """An HF tokenizer folder, or one ``tokenizer.json`` file."""
+    tok_json = path / "tokenizer.json" if path.is_dir() else path
+    if not tok_json.is_file():
+        raise ValueError(
+            f"tokenizer directory {path} has no tokenizer.json (an HF fast-tokenizer folder or file is needed)"
+        )
+    folder = tok_json.parent
+    cfg_json, gen_json = folder / "tokenizer_config.json", folder / "generation_config.json"
+    if kwargs or not (cfg_json.is_file() or gen_json.is_file()):
+        return TokenizerJSON(tok_json, **kwargs)
+    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+
+    return HuggingFaceBaseTokenizer(
+        str(tok_json),
+        tokenizer_config_json_path=str(cfg_json) if cfg_json.is_file() else None,
+        generation_config_path=str(gen_json) if gen_json.is_file() else None,
     )
 
 

@@ -17,7 +17,6 @@ dataset config so the recipe uses ``padded_collate_packed``).
 from __future__ import annotations
 
 import json
-import logging
 import multiprocessing as mp
 import os
 import sys
@@ -27,11 +26,13 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
+from torchtune.utils import get_logger
 
 from tad_torchtune.data import _tokenizers as tk
 from tad_torchtune.data.token_file import _data_ext, _resolve_files, open_source
 
-log = logging.getLogger(__name__)
+# torchtune's logger: the recipe sets it to INFO, so the data summary appears in the run's output.
+log = get_logger()
 
 CROSS_ENTROPY_IGNORE_IDX = -100
 ORCA_MATH = "microsoft/orca-math-word-problems-200k"
@@ -404,11 +405,68 @@ def instruction_dataset(
     return PackedDataset(ds, max_seq_len=max_seq_len, padding_idx=pad if isinstance(pad, int) and pad >= 0 else 0)
 
 
+class _Unset:
+    """Default of ORCAMEL's source keys: they must be given (a path, a hub id, or null to leave one out)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET: Any = _Unset()
+_SOURCE_HELP = {
+    "orca_source": (
+        "Orca-Math (question/answer): a local file or folder, e.g. the hub copy's "
+        "data/train-00000-of-00001.parquet, or the hub id 'microsoft/orca-math-word-problems-200k' to download it"
+    ),
+    "camel_source": (
+        "CAMEL math (message_1/message_2): a local folder of the unzipped camel-ai/math JSON files, "
+        "or the hub id 'camel-ai/math' to download it"
+    ),
+}
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    data_file = parts[-1].lower().endswith((".json", ".jsonl", ".parquet", ".txt", ".csv", ".gz", ".zip", ".arrow"))
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and "*" not in value and not data_file
+
+
+def check_source(key: str, value: Any) -> None:
+    """Refuse an unset or missing ORCAMEL source with one message that names ``dataset.<key>`` and the fix.
+
+    A local path that does not exist fails here, before any network access; a hub id (``org/name``) is the
+    user's explicit choice to download.
+    """
+    if value is UNSET:
+        raise ValueError(
+            f"dataset.{key} is not set: give {_SOURCE_HELP[key]}; or `{key}: null` to train without it "
+            "(nothing is downloaded unless a hub id is given)"
+        )
+    if value is None:
+        return
+    items = [value] if isinstance(value, str | Path) else list(value)
+    for item in items:
+        text = str(item)
+        if Path(text).expanduser().exists() or _glob_matches(text):
+            continue
+        if isinstance(item, str) and _looks_like_hub_id(text) and len(items) == 1:
+            continue
+        raise FileNotFoundError(
+            f"dataset.{key}={text!r}: no such file or folder; give {_SOURCE_HELP[key]}, or `{key}: null`"
+        )
+
+
+def _glob_matches(pattern: str) -> bool:
+    import glob
+
+    return any(ch in pattern for ch in "*?[") and bool(glob.glob(pattern))
+
+
 def orcamel_dataset(
     tokenizer: Any,
     *,
-    orca_source: str | Path | Sequence[str | Path] | None = ORCA_MATH,
-    camel_source: str | Path | Sequence[str | Path] | None = CAMEL_MATH,
+    orca_source: str | Path | Sequence[str | Path] | None = UNSET,
+    camel_source: str | Path | Sequence[str | Path] | None = UNSET,
     max_seq_len: int = 2048,
     prompt_template: Any = None,
     train_on_input: bool = False,
@@ -418,12 +476,15 @@ def orcamel_dataset(
 ) -> Dataset:
     """ORCAMEL for the recipe: ``dataset: {_component_: tad_torchtune.data.orcamel_dataset, orca_source: ...}``.
 
+    Both sources must be given (nothing is downloaded unless a hub id is given); an unset or missing one is
+    refused with a message naming ``dataset.orca_source`` / ``dataset.camel_source``.
+
     Args:
         tokenizer: the student's tokenizer (passed by the recipe's ``config.instantiate(cfg.dataset, tokenizer)``).
-        orca_source: hub id or local file(s) with ``question`` / ``answer`` (None to leave out).
-            Default: ``microsoft/orca-math-word-problems-200k``.
-        camel_source: hub id or local file(s) with ``message_1`` / ``message_2`` (None to leave out).
-            Default: ``camel-ai/math`` (its hub copy is a zip of JSON files: unzip it and pass the folder).
+        orca_source: local file(s)/folder with ``question`` / ``answer``, the hub id
+            ``microsoft/orca-math-word-problems-200k``, or None to leave Orca-Math out. Required.
+        camel_source: local file(s)/folder with ``message_1`` / ``message_2`` (the hub copy of ``camel-ai/math``
+            is a zip of JSON files: unzip it and pass the folder), the hub id, or None to leave it out. Required.
         max_seq_len (int): truncation length. Default: 2048.
         prompt_template: see :class:`InstructionDataset`. Default: None.
         train_on_input (bool): Default: False.
@@ -431,6 +492,8 @@ def orcamel_dataset(
         num_workers (int): tokeniser processes. Default: 1.
         max_examples (int | None): rows per source (quick runs). Default: None.
     """
+    check_source("orca_source", orca_source)
+    check_source("camel_source", camel_source)
     sources = []
     if orca_source is not None:
         sources.append(
@@ -451,7 +514,7 @@ def orcamel_dataset(
             }
         )
     if not sources:
-        raise ValueError("orca_source and camel_source are both None: give at least one")
+        raise ValueError("dataset.orca_source and dataset.camel_source are both null: give at least one")
     return instruction_dataset(
         tokenizer,
         sources=sources,

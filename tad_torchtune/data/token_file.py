@@ -221,6 +221,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _settings_diff(old: dict[str, Any], new: dict[str, Any], max_tokens: int | None) -> str:
+    """``key: old -> new`` for each setting that differs between a finished file's metadata and this run."""
+    was = {
+        "source": old.get("source"),
+        "text_column": old.get("text_column"),
+        "tokenizer": (old.get("tokenizer") or {}).get("fingerprint"),
+        "vocab_size": old.get("vocab_size"),
+        "dtype": old.get("dtype"),
+        "bos_id": old.get("bos_id"),
+        "eos_id": old.get("eos_id"),
+        "max_tokens": old.get("max_tokens"),
+    }
+    now = {**{k: new.get(k) for k in was}, "tokenizer": new.get("tokenizer_fingerprint"), "max_tokens": max_tokens}
+    parts = [f"{k}: {was[k]!r} -> {now[k]!r}" for k in was if was[k] != now[k]]
+    return "; ".join(parts) if parts else "metadata from another version"
+
+
 def write_token_file(
     output: str | Path,
     tokenizer: Any,
@@ -313,9 +330,10 @@ def write_token_file(
             log.info("%s is already complete with these settings (%d tokens); nothing to do", output, old["num_tokens"])
             return old
         if old.get("completed") and not overwrite:
+            diff = _settings_diff(old, settings, max_tokens)
             raise FileExistsError(
-                f"{output} is a complete token file written with other settings; pass overwrite=True "
-                "(--overwrite) to replace it or choose another output"
+                f"{output} is a complete token file written with other settings ({diff}); "
+                "pass --overwrite (overwrite=True) to replace it, or choose another --output"
             )
         meta_file.unlink()  # metadata first: a .bin without its .json never looks complete
     if output.exists():

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         required=True,
-        help="dotted torchtune builder (with --tokenizer-arg), an HF tokenizer dir, or a recipe YAML (its tokenizer:)",
+        help="dotted torchtune builder (with --tokenizer-arg), an HF tokenizer folder or tokenizer.json file "
+        "(--tokenizer-arg eos_id=N / bos_id=N when no tokenizer_config.json states them), or a recipe YAML",
     )
     p.add_argument(
         "--tokenizer-arg",
@@ -84,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--tokenizer-arg {item!r} is not KEY=VALUE", file=sys.stderr)
             return 2
         kwargs[key] = _parse_value(value)
-    tokenizer = load_tokenizer(args.tokenizer, **kwargs)
     try:
+        tokenizer = load_tokenizer(args.tokenizer, **kwargs)
         meta = _write(args, tokenizer, kwargs)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:  # bad input: one line, no traceback
+        print(f"tad-tune tokenize: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: {args.output} is not complete; rerun the same command to resume",

@@ -15,10 +15,19 @@ _DTYPES.update({"fp16": torch.float16, "float16": torch.float16})
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load a YAML config and apply ``key=value`` overrides (torchtune's command-line syntax)."""
+    """Load a YAML config (a path, or the name of a shipped config such as ``tiny_cpu``) and apply ``key=value``
+    overrides (torchtune's command-line syntax)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found; pass the path of a YAML file")
+        from tad_torchtune._registry import config_dirs
+
+        shipped = [d / f"{path.name.removesuffix('.yaml')}.yaml" for d in config_dirs() if path.parent == Path(".")]
+        found = [p for p in shipped if p.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"config {path} not found; pass the path of a YAML file or a shipped config name (`tad-tune ls`)"
+            )
+        path = found[0]
     cfg = OmegaConf.load(path)
     if overrides:
         bad = [o for o in overrides if "=" not in o]

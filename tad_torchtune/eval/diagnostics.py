@@ -421,6 +421,10 @@ def _parse_runs(items: Sequence[str]) -> dict[str, str]:
     return runs
 
 
+# Longest default held-out row: long enough for the tail statistics, short enough for a CPU.
+DEFAULT_MAX_SEQ_LEN = 512
+
+
 def main(argv: list[str] | None = None) -> int:
     """``tad-tune diagnose``: held-out KL, teacher tail mass, run comparison and Full-ECE, as CSV and PNG."""
     p = argparse.ArgumentParser(
@@ -437,7 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--config", required=True, help="torchtune YAML (a training config works)")
         if text:
             sp.add_argument("--text", required=True, help="held-out text: .txt, .jsonl ('text' field) or a directory")
-            sp.add_argument("--seq-len", type=int, default=512, help="tokens per held-out row (default 512)")
+            sp.add_argument(
+                "--seq-len",
+                type=int,
+                default=None,
+                help=f"tokens per held-out row (default: the model's max_seq_len, at most {DEFAULT_MAX_SEQ_LEN})",
+            )
             sp.add_argument("--batch-size", type=int, default=4, help="rows per batch (default 4)")
             sp.add_argument("--max-batches", type=int, default=8, help="held-out batches to score (default 8)")
         sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -475,19 +484,67 @@ def main(argv: list[str] | None = None) -> int:
         if not args.checkpoints:
             p.error("--checkpoints needs at least one checkpoint directory")
 
-    if args.cmd == "compare":
-        runs = {name: read_heldout_csv(path, args.column) for name, path in _parse_runs(args.run).items()}
-        ylabel = "held-out KL (nats/token)" if args.column == "kl" else f"held-out {args.column}"
-        out = plot_heldout_kl(runs, args.out, title=args.title, ylabel=ylabel)
-        print(f"wrote {out}")
-        return 0
+    try:
+        if args.cmd == "compare":
+            runs = {name: read_heldout_csv(path, args.column) for name, path in _parse_runs(args.run).items()}
+            ylabel = "held-out KL (nats/token)" if args.column == "kl" else f"held-out {args.column}"
+            out = plot_heldout_kl(runs, args.out, title=args.title, ylabel=ylabel)
+            print(f"wrote {out}")
+            return 0
+        return _run(args)
+    except (FileNotFoundError, ValueError) as err:  # bad input: one line naming it, no traceback
+        print(f"tad-tune diagnose {args.cmd}: {err}", file=sys.stderr)
+        return 2
 
+
+def model_max_seq_len(cfg, key: str) -> int | None:
+    """``max_seq_len`` of the config's ``key`` model node: stated, or its builder's (named builders included)."""
+    from omegaconf import OmegaConf
+
+    node = cfg.get(key)
+    if node is None:
+        return None
+    node = OmegaConf.to_container(node, resolve=True)
+    if node.get("max_seq_len") is not None:
+        return int(node["max_seq_len"])
+    try:
+        from tad_torchtune.models.export import resolve_model_node
+
+        return int(resolve_model_node(node)[1]["max_seq_len"])
+    except (ValueError, KeyError, TypeError, ImportError, AttributeError):
+        return None
+
+
+def _seq_len(args: argparse.Namespace, cfg) -> int:
+    """``--seq-len``, else the smaller of the models' ``max_seq_len`` and :data:`DEFAULT_MAX_SEQ_LEN`."""
+    keys = {"tail": ["teacher_model"], "ece": ["model"], "kl": ["teacher_model", "model"]}[args.cmd]
+    limits = {k: m for k in keys if (m := model_max_seq_len(cfg, k)) is not None}
+    if args.seq_len is not None:
+        if args.seq_len < 1:
+            raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+        too_long = {k: m for k, m in limits.items() if args.seq_len > m}
+        if too_long:
+            raise ValueError(
+                f"--seq-len {args.seq_len} exceeds max_seq_len of {too_long} (the RoPE cache); "
+                f"pass --seq-len {min(too_long.values())} or less"
+            )
+        return args.seq_len
+    seq_len = min([DEFAULT_MAX_SEQ_LEN, *limits.values()])
+    print(
+        f"seq_len {seq_len} (models' max_seq_len {limits or 'unknown'}, at most {DEFAULT_MAX_SEQ_LEN}; "
+        "--seq-len sets it)"
+    )
+    return seq_len
+
+
+def _run(args: argparse.Namespace) -> int:
     from tad_torchtune.eval import _loading
 
     cfg = _loading.load_config(args.config, args.overrides)
     device, dtype = _loading.resolve_device_dtype(args.device, args.dtype)
     tokenizer = _loading.build_tokenizer(cfg)
-    batches = _loading.heldout_batches(tokenizer, args.text, args.seq_len, args.batch_size, args.max_batches)
+    seq_len = _seq_len(args, cfg)
+    batches = _loading.heldout_batches(tokenizer, args.text, seq_len, args.batch_size, args.max_batches)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -128,18 +128,21 @@ class TADEvalRecipe(EvalRecipeInterface):
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        out = simple_evaluate(
-            model=self.lm,
-            tasks=self.tasks,
-            num_fewshot=cfg.get("num_fewshot"),
-            limit=cfg.get("limit"),
-            task_manager=self.task_manager,
-            log_samples=cfg.get("log_samples", False),
-            random_seed=self.seed,
-            numpy_random_seed=self.seed,
-            torch_random_seed=self.seed,
-            fewshot_random_seed=self.seed,
-        )
+        from tad_torchtune._quiet import quiet_git_hash
+
+        with quiet_git_hash():
+            out = simple_evaluate(
+                model=self.lm,
+                tasks=self.tasks,
+                num_fewshot=cfg.get("num_fewshot"),
+                limit=cfg.get("limit"),
+                task_manager=self.task_manager,
+                log_samples=cfg.get("log_samples", False),
+                random_seed=self.seed,
+                numpy_random_seed=self.seed,
+                torch_random_seed=self.seed,
+                fewshot_random_seed=self.seed,
+            )
         log.info(f"lm-eval finished in {time.perf_counter() - t0:.1f}s")
         out = dict(out)
         extra: dict[str, float] = {}

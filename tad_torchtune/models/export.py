@@ -9,9 +9,10 @@ The directory gets:
   whose ``num_hidden_layers`` etc. would be wrong for a student (lm-eval would then silently evaluate a
   half-random model);
 * the weights in HF naming (safetensors, sharded above ``max_shard_size`` with an index);
-* the tokenizer files of ``tokenizer_dir`` (``tokenizer_class: TokenizersBackend`` rewritten to
-  ``PreTrainedTokenizerFast`` so transformers 4 loads them too);
-* ``generation_config.json`` (``tokenizer_dir``'s if it has one, else from the bos/eos/pad ids given).
+* the tokenizer the model was trained with: the files of ``tokenizer_dir``, else the training tokenizer converted
+  (:mod:`tad_torchtune.models.standalone`), with ``tokenizer_config.json`` naming BOS/EOS/pad;
+* ``generation_config.json`` with the BOS/EOS(/stop)/pad ids (sampling defaults of ``tokenizer_dir``'s kept);
+* a model card ``README.md`` (teacher, loss, data, steps, tokens, held-out metrics) when ``facts`` are given.
 
 Python::
 
@@ -19,8 +20,10 @@ Python::
     export_hf(model, "qwen2", {"num_heads": 16, "num_kv_heads": 16, "max_seq_len": 2048}, "out/hf",
               tokenizer_dir="/models/Qwen1.5-1.8B")
 
-CLI (``tad-tune export-hf``)::
+CLI (``tad-tune export-hf``); the run folder's ``torchtune_config.yaml`` gives the architecture, the tokenizer
+and the model card's facts::
 
+    tad-tune export-hf --weights out/epoch_0 --out out/hf
     tad-tune export-hf --config configs/qwen1.5_1.8b_to_1.2b.yaml --weights out/epoch_0 --out out/hf \\
         --tokenizer-dir /models/Qwen1.5-1.8B
 """
@@ -29,27 +32,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tad_torchtune.models import standalone
 from tad_torchtune.models.registry import FAMILIES, component_builder
+from tad_torchtune.models.standalone import TOKENIZER_FILES  # noqa: F401  (re-exported)
 
 __all__ = ["export_hf", "hf_config", "to_hf_state_dict", "from_hf_state_dict", "load_weights", "main"]
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
+log = logging.getLogger(__name__)
 
 
 def _fill_args(family: str, model_args: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -247,22 +244,40 @@ def from_hf_state_dict(family: str, hf_cfg: dict[str, Any], sd: dict[str, torch.
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
 
 
-def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        src = tokenizer_dir / name
-        if src.is_file():
-            shutil.copyfile(src, out_dir / name)
-            copied.append(name)
-    tc = out_dir / "tokenizer_config.json"
-    if tc.is_file():
-        data = json.loads(tc.read_text())
-        if data.get("tokenizer_class") == "TokenizersBackend":  # written by transformers 5; v4 cannot load it
-            data["tokenizer_class"] = "PreTrainedTokenizerFast"
-            tc.write_text(json.dumps(data, indent=2))
-    if not copied:
-        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in tokenizer_dir={tokenizer_dir}")
-    return copied
+def _tokenizer_files(
+    out: Path, tokenizer_dir: str | Path | None, tokenizer: Any, notes: list[str]
+) -> tuple[str | None, dict[str, Any]]:
+    """Write the tokenizer into ``out``; returns (what was written or None, special ids the source states)."""
+    ids: dict[str, Any] = {}
+    if tokenizer is not None:
+        ids = standalone.special_ids(tokenizer)
+    if tokenizer_dir is not None:
+        src = Path(tokenizer_dir)
+        copied = standalone.copy_tokenizer_files(src, out)
+        gen = (src if src.is_dir() else src.parent) / "generation_config.json"
+        if gen.is_file():
+            g = json.loads(gen.read_text())
+            ids["generation_config"] = g  # its sampling defaults are kept
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if g.get(key) is not None:
+                    ids.setdefault(key, g[key])
+        return f"{', '.join(copied)} from {src}", ids
+    if tokenizer is not None:
+        written = standalone.write_tokenizer(tokenizer, out)
+        if written is None:
+            notes.append(
+                f"cannot convert the training tokenizer ({type(tokenizer).__name__}) to HF files; pass "
+                "--tokenizer-dir DIR (the HF folder or tokenizer.json it was built from)"
+            )
+        return written, ids
+    notes.append("no tokenizer written: pass --tokenizer-dir DIR (the HF folder the model's tokenizer comes from)")
+    return None, ids
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view into a larger storage (weights saved from a 2-process FSDP run load as
+    slices of one buffer), which safetensors refuses to write."""
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
 
 
 def export_hf(
@@ -277,6 +292,9 @@ def export_hf(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     max_shard_size: str = "5GB",
+    tokenizer: Any = None,
+    facts: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
     """Write an HF model directory for a torchtune model.
 
@@ -290,12 +308,18 @@ def export_hf(
             ``max_seq_len``, plus non-default ``norm_eps``/``rope_base``/caps. Vocabulary, widths, layer count,
             KV heads and tying are read from the weights.
         out_dir (str | Path): output directory (created).
-        tokenizer_dir (str | Path | None): directory whose tokenizer files (and ``generation_config.json``)
-            are copied, usually the teacher's HF directory. Default: None (no tokenizer; lm-eval then needs
-            ``tokenizer=...``)
+        tokenizer_dir (str | Path | None): HF tokenizer folder (or one ``tokenizer.json``) whose files (and
+            ``generation_config.json``'s special ids) are copied, usually the teacher's HF directory.
+            Default: None
         dtype (torch.dtype | None): cast the weights (and ``config.dtype``); None keeps them. Default: None
-        bos_token_id, eos_token_id, pad_token_id: written to config and generation config when given.
+        bos_token_id, eos_token_id, pad_token_id: override the special ids (else the tokenizer's).
         max_shard_size (str): safetensors shard size. Default: "5GB"
+        tokenizer: the instantiated training tokenizer (torchtune ``ModelTokenizer``): its ids are used, and
+            when ``tokenizer_dir`` is None it is written as ``tokenizer.json`` if it can be
+            (:func:`tad_torchtune.models.standalone.write_tokenizer`). Default: None
+        facts (dict | None): run facts (:func:`tad_torchtune.models.standalone.run_facts`); given, a model card
+            ``README.md`` is written. Default: None
+        notes (list[str] | None): gets one line per piece that could not be known (no tokenizer, no BOS...).
 
     Returns:
         Path: ``out_dir``.
@@ -303,33 +327,55 @@ def export_hf(
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
+    notes = notes if notes is not None else []
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     sd = {k: v for k, v in sd.items() if not k.endswith(("rope.cache", "pos_embeddings.cache", ".theta"))}
     args = _fill_args(family, model_args, sd)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen_src = Path(tokenizer_dir) / "generation_config.json" if tokenizer_dir else None
-    if gen_src is not None and gen_src.is_file():
-        gen = json.loads(gen_src.read_text())
-        bos_token_id = gen.get("bos_token_id", bos_token_id) if bos_token_id is None else bos_token_id
-        eos_token_id = gen.get("eos_token_id", eos_token_id) if eos_token_id is None else eos_token_id
-        pad_token_id = gen.get("pad_token_id", pad_token_id) if pad_token_id is None else pad_token_id
+    written, ids = _tokenizer_files(out, tokenizer_dir, tokenizer, notes)
+    given = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    ids.update({k: v for k, v in given.items() if v is not None})
+    bos, eos, pad = ids.get("bos_token_id"), ids.get("eos_token_id"), ids.get("pad_token_id")
+    eos_one = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        notes.append("EOS id unknown: pass --eos-id (lm-eval and generation stop on it)")
+    if bos is None:
+        notes.append("BOS id unknown (fine for models without one, e.g. Qwen); pass --bos-id if it has one")
+    if pad is None and eos_one is not None:
+        pad = eos_one  # what transformers' generate falls back to anyway; stated, not left null
     hf_sd = to_hf_state_dict(family, args, sd)
     w_dtype = dtype or next(iter(hf_sd.values())).dtype
-    hf_sd = {k: v.detach().to("cpu", w_dtype).contiguous() for k, v in hf_sd.items()}
-    cfg = hf_config(
-        family, args, dtype=w_dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
-    )
+    hf_sd = {k: _own_storage(v.detach().to("cpu", w_dtype).contiguous()) for k, v in hf_sd.items()}
+    cfg = hf_config(family, args, dtype=w_dtype, bos_token_id=bos, eos_token_id=eos_one, pad_token_id=pad)
     cfg.save_pretrained(out)
     save_torch_state_dict(hf_sd, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    if gen_src is not None and gen_src.is_file():
-        shutil.copyfile(gen_src, out / "generation_config.json")
-    else:
-        GenerationConfig(
-            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
-        ).save_pretrained(out)
-    if tokenizer_dir is not None:
-        _copy_tokenizer(Path(tokenizer_dir), out)
+    stop = ids.get("stop_token_ids") or eos
+    gen_kwargs = {k: v for k, v in ids.get("generation_config", {}).items() if not k.startswith("_")}
+    gen_kwargs.pop("transformers_version", None)
+    gen_kwargs.update(bos_token_id=bos, eos_token_id=stop, pad_token_id=pad)
+    GenerationConfig(**gen_kwargs).save_pretrained(out)
+    bad_tokenizer = standalone.finish_tokenizer_config(out, bos, eos_one, pad, args["max_seq_len"])
+    if bad_tokenizer:
+        notes.append(bad_tokenizer)
+    if facts is not None:
+        n_params = sum(v.numel() for k, v in sd.items())
+        card_ids = {"bos": bos, "eos": stop, "pad": pad}
+        (out / "README.md").write_text(
+            standalone.model_card(
+                facts,
+                architecture=cfg.architectures[0],
+                family=family,
+                num_layers=args["num_layers"],
+                num_params=n_params,
+                ids=card_ids,
+            )
+        )
+        unknown = standalone.unknown_facts(facts)
+        if unknown:
+            notes.append("model card: not recorded: " + ", ".join(unknown))
+    if written:
+        log.info(f"tokenizer: {written}")
     return out
 
 
@@ -368,17 +414,42 @@ def load_weights(path: str | Path, family: str | None = None) -> dict[str, torch
     return sd
 
 
+# Builders that are a family's component builder with other defaults: exported as that family, with the
+# wrapper's own defaults filled in from its signature.
+_BUILT_ON = {
+    "tad_torchtune.demo.smollm2.smollm2": "torchtune.models.llama3._component_builders.llama3",
+}
+
+
+def resolve_model_node(node: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """:func:`tad_torchtune.models.registry.resolve`, plus the thin wrappers in ``_BUILT_ON`` (the demo's SmolLM2)."""
+    import inspect
+
+    from torchtune.config._utils import _get_component_from_path
+
+    from tad_torchtune.models.registry import resolve
+
+    path = str(node.get("_component_"))
+    if path in _BUILT_ON:
+        sig = inspect.signature(_get_component_from_path(path))
+        defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+        node = {**defaults, **node, "_component_": _BUILT_ON[path]}
+    return resolve(node)
+
+
+def _default_config(weights: Path) -> Path | None:
+    return standalone.find_run_config(weights)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``tad-tune export-hf``: torchtune weights + the experiment config -> an HF directory."""
+    """``tad-tune export-hf``: torchtune weights + the experiment config -> a stand-alone HF directory."""
     parser = argparse.ArgumentParser(
         prog="tad-tune export-hf",
-        description="Export a torchtune model (e.g. a distilled student) to a Hugging Face directory with its own "
-        "config.json, weights, tokenizer files and generation config, loadable by AutoModelForCausalLM and "
-        "`lm_eval --model hf --model_args pretrained=OUT`.",
-    )
-    parser.add_argument("--config", required=True, help="experiment YAML; its `model` node says the architecture")
-    parser.add_argument(
-        "--model-key", default="model", help="which node of the config to export (`model` or `teacher_model`)"
+        description="Export a torchtune model (e.g. a distilled student) to a Hugging Face directory that stands "
+        "alone: config.json, weights, the tokenizer it was trained with, generation_config.json, BOS/EOS/pad ids "
+        "and a model card (README.md). Loadable by AutoModelForCausalLM/AutoTokenizer and "
+        "`lm_eval --model hf --model_args pretrained=OUT`. What cannot be known is reported with the flag "
+        "that supplies it.",
     )
     parser.add_argument(
         "--weights",
@@ -386,10 +457,39 @@ def main(argv: list[str] | None = None) -> int:
         help="a .pt/.safetensors file or a directory (e.g. OUTPUT_DIR/epoch_0) with the model's weights",
     )
     parser.add_argument("--out", required=True, help="output HF directory")
-    parser.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from here (the teacher's HF dir)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="training YAML; its `model` node says the architecture, its `tokenizer` node the tokenizer. "
+        "Default: torchtune_config.yaml of the run folder the weights are in (OUTPUT_DIR/epoch_N -> OUTPUT_DIR)",
+    )
+    parser.add_argument(
+        "--model-key", default="model", help="which node of the config to export (`model` or `teacher_model`)"
+    )
+    parser.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="HF tokenizer folder or tokenizer.json to copy. Default: the files the config's tokenizer reads, "
+        "or the training tokenizer converted (byte tokenizer, tokenizers-based tokenizers)",
+    )
+    parser.add_argument("--no-tokenizer", action="store_true", help="export without tokenizer files")
+    parser.add_argument("--bos-id", type=int, default=None, help="BOS id (default: the tokenizer's)")
+    parser.add_argument("--eos-id", type=int, default=None, help="EOS id (default: the tokenizer's)")
+    parser.add_argument("--pad-id", type=int, default=None, help="pad id (default: the tokenizer's, else EOS)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
     parser.add_argument("--force", action="store_true", help="write into --out even if it is a non-empty folder")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. output_dir=/x)")
+    card = parser.add_argument_group("model card (README.md); read from the run folder unless given")
+    card.add_argument("--teacher", default=None, help="the teacher, e.g. Qwen/Qwen1.5-1.8B")
+    card.add_argument("--loss", default=None, help="the loss, e.g. 'CE + TAD (top_k=10, beta=2)'")
+    card.add_argument("--data", default=None, help="the training data")
+    card.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    card.add_argument("--tokens", type=int, default=None, help="training tokens")
+    card.add_argument(
+        "--eval-results",
+        default=None,
+        help="held-out metrics: an eval_tad results.json (or the demo's). Default: the demo's results.json if found",
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. assets_dir=/x)")
     ns = parser.parse_args(argv)
     out_dir = Path(ns.out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not ns.force:
@@ -401,15 +501,81 @@ def main(argv: list[str] | None = None) -> int:
 
     from omegaconf import OmegaConf
 
-    from tad_torchtune.models.registry import resolve
+    def fail(message: str) -> int:
+        print(f"tad-tune export-hf: {message}", file=sys.stderr)
+        return 2
 
-    cfg = OmegaConf.merge(OmegaConf.load(ns.config), OmegaConf.from_dotlist(ns.overrides))
+    weights = Path(ns.weights)
+    if not weights.exists():
+        return fail(f"--weights {weights} does not exist")
+    cfg_path = Path(ns.config) if ns.config else _default_config(weights)
+    if cfg_path is None:
+        return fail(f"no --config given and no torchtune_config.yaml in the run folder of {weights}; pass --config")
+    if not cfg_path.is_file():
+        return fail(f"--config {cfg_path} not found")
+    bad = [o for o in ns.overrides if "=" not in o]
+    if bad:
+        return fail(f"overrides must look like key=value, got {bad}")
+    cfg = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(ns.overrides))
+    if cfg.get(ns.model_key) is None:
+        return fail(f"config {cfg_path} has no {ns.model_key!r} node")
     node = OmegaConf.to_container(cfg[ns.model_key], resolve=True)
-    family, args = resolve(node)
-    sd = load_weights(ns.weights, family)
+    try:
+        family, args = resolve_model_node(node)
+    except ValueError as err:
+        return fail(str(err))
+    sd = load_weights(weights, family)
+
+    tokenizer, tokenizer_dir = None, ns.tokenizer_dir
+    tok_node = OmegaConf.to_container(cfg.tokenizer, resolve=True) if cfg.get("tokenizer") is not None else None
+    if not ns.no_tokenizer and tok_node is not None:
+        if tokenizer_dir is None:
+            found = standalone.tokenizer_source_dir(tok_node)
+            tokenizer_dir = str(found) if found is not None else None
+        try:
+            from torchtune import config as tt_config
+
+            tokenizer = tt_config.instantiate(cfg.tokenizer)
+        except Exception as err:  # a missing file etc.: the ids then come from the flags / copied files
+            print(f"note: could not build the config's tokenizer ({type(err).__name__}: {err})", file=sys.stderr)
+    if ns.no_tokenizer:
+        tokenizer_dir = None
+
+    full_cfg = OmegaConf.to_container(cfg, resolve=True)
+    facts = standalone.run_facts(full_cfg, weights, Path(ns.eval_results) if ns.eval_results else None)
+    for key in ("teacher", "loss", "data", "steps", "tokens"):
+        if getattr(ns, key) is not None:
+            facts[key] = getattr(ns, key)
+    if ns.model_key != "model":
+        facts.update(teacher="(this is the teacher)", loss=None, steps=None, tokens=None)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[ns.dtype]
-    out = export_hf(sd, family, args, ns.out, ns.tokenizer_dir, dtype=dtype)
-    print(f"wrote {out} ({family}, {args['num_layers']} layers)")
+    notes: list[str] = []
+    try:
+        out = export_hf(
+            sd,
+            family,
+            args,
+            ns.out,
+            tokenizer_dir,
+            dtype=dtype,
+            bos_token_id=ns.bos_id,
+            eos_token_id=ns.eos_id,
+            pad_token_id=ns.pad_id,
+            tokenizer=None if ns.no_tokenizer and tokenizer is None else tokenizer,
+            facts=facts,
+            notes=notes,
+        )
+    except FileNotFoundError as err:
+        return fail(str(err))
+    if ns.no_tokenizer:
+        notes = [n for n in notes if not n.startswith(("no tokenizer", "cannot convert"))]
+    have_tok = any((out / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    print(
+        f"wrote {out} ({family}, {args['num_layers']} layers; "
+        f"{'tokenizer, ' if have_tok else 'NO tokenizer, '}generation_config.json, README.md)"
+    )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

@@ -29,6 +29,10 @@ See ``docs/recipe.md`` for every config key.
 
 from __future__ import annotations
 
+# isort: off
+import tad_torchtune  # noqa: F401  first: its dependency-noise filters must precede torchtune's torchao import
+
+# isort: on
 import math
 import os
 import resource
@@ -256,7 +260,8 @@ class KDTADRecipe(FTRecipeInterface):
         """Builds everything: logger, tokenizer, student, teacher, losses, optimizer, data, scheduler; resumes."""
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
-            self._metric_logger.log_config(cfg)
+            self._metric_logger.log_config(cfg)  # torchtune's loggers save output_dir/torchtune_config.yaml
+            log.info(f"resolved config: {Path(cfg.output_dir) / 'torchtune_config.yaml'}")
 
         resume_state = self._find_resume_state(cfg)
 
@@ -1056,7 +1061,7 @@ def run(cfg: DictConfig, callbacks: Sequence[RecipeCallback] = ()) -> KDTADRecip
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``python -m tad_torchtune.recipes.kd_tad --config X [key=value ...]``."""
-    config.log_config(recipe_name="KDTADRecipe", cfg=cfg)
+    # The resolved config goes to a file in output_dir (setup), not the log.
     run(cfg)
 
 

@@ -34,7 +34,7 @@ BENIGN_KEYS = frozenset(
     epochs max_steps_per_epoch log_every_n_steps log_peak_memory_stats log_flops peak_flops metric_logger
     save_every_n_steps keep_last_n_checkpoints resume_from_checkpoint output_dir lr_scheduler clip_grad_norm
     nonfinite_policy compile enable_activation_checkpointing custom_sharded_layers fused_loss fused_chunk_size
-    device checkpointer
+    device checkpointer progress_bar
     """.split()
 )
 # Dotted keys that may differ although their section may not (the optimizer's kind and betas may not change).

@@ -5,6 +5,7 @@
     DIR/teacher/model.pt   qwen2 component builder: 3 layers, dim 64, vocab 264 (extra rows are cut by the loss)
     DIR/student/model.pt   qwen2 component builder: 2 layers, dim 64, vocab 259 (= ByteTokenizer)
     DIR/data/train.jsonl   64 lines of {"text": ...}
+    DIR/data/heldout.txt   256 other sentences, one paragraph each (held-out text for diagnose / Full-ECE)
 
 ``configs/tiny_cpu.yaml`` reads them through ``assets_dir=DIR``. Nothing is downloaded.
 """
@@ -64,6 +65,9 @@ def write_tiny_assets(root: str | Path, seed: int = 0, num_lines: int = 64) -> P
     with open(root / "data" / "train.jsonl", "w") as f:
         for line in tiny_text(num_lines, seed):
             f.write(json.dumps({"text": line}) + "\n")
+    # held-out text for `tad-tune diagnose` / eval_tad's Full-ECE (docs/eval.md section 6): other sentences,
+    # one paragraph each
+    (root / "data" / "heldout.txt").write_text("\n\n".join(tiny_text(4 * num_lines, seed + 1)) + "\n")
     return root
 
 

@@ -330,10 +330,31 @@ def measure_matmul_peak(
     return 2.0 * size**3 / best
 
 
+def _config_loss(path: str) -> tuple[str, bool, int | None]:
+    """(loss kind, fused, fused chunk size) the recipe would take for this config (its ``fused_loss: auto`` rule:
+    fused for TAD and forward KL)."""
+    from tad_torchtune.eval._loading import load_config
+
+    cfg = load_config(path)
+    kd = cfg.get("kd_loss")
+    component = str(kd.get("_component_")) if kd is not None else ""
+    if kd is None or float(cfg.get("kd_weight", 1.0)) == 0.0:
+        loss = "ce"
+    else:
+        loss = "tad" if component.endswith("TADLoss") else "kl"
+    mode = str(cfg.get("fused_loss", "auto")).lower()
+    fusable = component.endswith(("TADLoss", "ForwardKLLoss")) or loss == "ce"
+    fused = mode == "true" or (mode == "auto" and fusable)
+    chunk = cfg.get("fused_chunk_size") or 1024  # the recipe's default slice (kd_tad._FUSED_CHUNK_SIZE)
+    return loss, fused, int(chunk) if fused else None
+
+
 def _load_config_models(path: str) -> tuple[Mapping[str, Any], Mapping[str, Any] | None, int | None]:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
+    from tad_torchtune.eval._loading import load_config
+
+    cfg = load_config(path)  # a path or a shipped config name
     if "model" not in cfg:
         raise ValueError(f"config {path} has no 'model' node")
     student = OmegaConf.to_container(cfg.model, resolve=True)
@@ -358,8 +379,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="recipe YAML; its model/teacher_model nodes replace --student/--teacher")
     parser.add_argument("--seq-len", type=int, default=None, help="context length (default: config's, else 2048)")
-    parser.add_argument("--loss", default="tad", choices=sorted(LOSS_FLOPS_PER_VOCAB), help="default: %(default)s")
-    parser.add_argument("--fused", action="store_true", help="the fused loss (TAD: count its teacher recompute)")
+    parser.add_argument(
+        "--loss",
+        default=None,
+        choices=sorted(LOSS_FLOPS_PER_VOCAB),
+        help="default: the config's kd_loss (tad for TADLoss, kl otherwise, ce when kd_weight is 0), else tad",
+    )
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        default=None,
+        help="the fused loss (TAD: count its teacher recompute); default: what the config's fused_loss selects",
+    )
     parser.add_argument(
         "--chunk-size",
         type=int,
@@ -368,23 +399,35 @@ def main(argv: list[str] | None = None) -> int:
         "(default: count two)",
     )
     parser.add_argument("--non-causal", action="store_true", help="count full (non-causal) attention scores")
-    parser.add_argument("--tokens", type=float, default=2e9, help="token budget to project (default: %(default)g)")
+    parser.add_argument(
+        "--tokens",
+        type=float,
+        default=None,
+        help="token budget to project onto wall time, e.g. 2e9 (the paper's T1); none: no projection",
+    )
+    parser.add_argument("--hours", type=float, default=24.0, help="with --tokens: the wall-time target (default 24)")
     parser.add_argument(
         "--peak",
         default="h100-sxm",
-        help=f"peak FLOP/s: a number, one of {sorted(KNOWN_PEAKS)}, or 'probe' to measure this machine's matmul",
+        help=f"with --tokens: peak FLOP/s, a number, one of {sorted(KNOWN_PEAKS)}, or 'probe' to measure this "
+        "machine's matmul (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
 
-    seq_len = args.seq_len
+    seq_len, cfg_loss = args.seq_len, ("tad", False, None)
     if args.config:
         student, teacher, cfg_seq = _load_config_models(args.config)
         seq_len = seq_len or cfg_seq
+        cfg_loss = _config_loss(args.config)
     else:
         student, teacher = args.student, (None if args.teacher == "none" else args.teacher)
     seq_len = seq_len or 2048
-    loss = args.loss if teacher is not None or args.loss in ("ce", "none") else "ce"
+    loss = args.loss or cfg_loss[0]
+    loss = loss if teacher is not None or loss in ("ce", "none") else "ce"
+    if args.fused is None:
+        args.fused = cfg_loss[1]
+        args.chunk_size = args.chunk_size or cfg_loss[2]
     f = estimate_flops_per_token(
         student,
         teacher,
@@ -394,42 +437,72 @@ def main(argv: list[str] | None = None) -> int:
         causal=not args.non_causal,
         fused_chunk_size=args.chunk_size,
     )
-    if args.peak == "probe":
-        peak = measure_matmul_peak()
-    elif args.peak in KNOWN_PEAKS:
-        peak = KNOWN_PEAKS[args.peak]
-    else:
-        try:
-            peak = float(args.peak)
-        except ValueError:
-            parser.error(f"--peak must be a number, 'probe' or one of {sorted(KNOWN_PEAKS)}, got {args.peak!r}")
-    total = f.total * args.tokens
-    need_24h = total / 86400.0
-    result = {
+    result: dict[str, Any] = {
         "seq_len": seq_len,
         "loss": loss,
         "fused": args.fused,
         "per_token": f.as_dict(),
         "pflops_per_1m_tokens": f.pflops_per_million_tokens(),
-        "tokens": args.tokens,
-        "total_flops": total,
-        "peak_flops": peak,
-        "mfu_for_24h": need_24h / peak,
-        "tokens_per_s_for_24h": args.tokens / 86400.0,
-        "hours_at_mfu": {str(m): total / (m * peak) / 3600.0 for m in (0.03, 0.1, 0.2, 0.3, 0.4, 0.5)},
     }
+    if args.tokens is not None:
+        if args.tokens <= 0 or args.hours <= 0:
+            parser.error(f"--tokens and --hours must be positive, got {args.tokens:g} and {args.hours:g}")
+        if args.peak == "probe":
+            peak = measure_matmul_peak()
+        elif args.peak in KNOWN_PEAKS:
+            peak = KNOWN_PEAKS[args.peak]
+        else:
+            try:
+                peak = float(args.peak)
+            except ValueError:
+                parser.error(f"--peak must be a number, 'probe' or one of {sorted(KNOWN_PEAKS)}, got {args.peak!r}")
+        total = f.total * args.tokens
+        seconds = args.hours * 3600.0
+        result.update(
+            tokens=args.tokens,
+            total_flops=total,
+            peak_flops=peak,
+            hours=args.hours,
+            mfu_for_hours=total / seconds / peak,
+            tokens_per_s_for_hours=args.tokens / seconds,
+            hours_at_mfu={str(m): total / (m * peak) / 3600.0 for m in (0.03, 0.1, 0.2, 0.3, 0.4, 0.5)},
+        )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"FLOPs per token (seq_len={seq_len}, loss={loss}, fused={args.fused}):")
-    for key, value in f.as_dict().items():
-        print(f"  {key:<18} {value / 1e9:10.3f} GFLOP")
-    print(f"  = {result['pflops_per_1m_tokens']:.2f} PFLOPs per 1M tokens")
-    print(f"{args.tokens:.3g} tokens: {total:.3e} FLOPs; peak {peak / 1e12:.4g} TFLOP/s")
-    print(
-        f"  24 h needs {need_24h / 1e12:.4g} TFLOP/s = {100 * result['mfu_for_24h']:.1f}% utilisation "
-        f"({result['tokens_per_s_for_24h']:.0f} tokens/s)"
-    )
-    for m, hours in result["hours_at_mfu"].items():
-        print(f"  at {100 * float(m):4.0f}% utilisation: {hours:7.1f} h")
+    print(format_breakdown(f, seq_len=seq_len, loss=loss, fused=args.fused))
+    if args.tokens is not None:
+        peak_tflops = result["peak_flops"] / 1e12
+        print(f"{args.tokens:.3g} tokens: {result['total_flops']:.3e} FLOPs; peak {peak_tflops:.4g} TFLOP/s")
+        print(
+            f"  {args.hours:g} h needs {result['total_flops'] / seconds / 1e12:.4g} TFLOP/s = "
+            f"{100 * result['mfu_for_hours']:.3g}% utilisation ({result['tokens_per_s_for_hours']:.0f} tokens/s)"
+        )
+        for m, hours in result["hours_at_mfu"].items():
+            print(f"  at {100 * float(m):4.0f}% utilisation: {hours:.3g} h")
     return 0
+
+
+def _unit(value: float) -> tuple[float, str]:
+    """The scale and name that show ``value`` FLOPs with 1-3 digits before the point."""
+    for scale, name in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")):
+        if value >= scale:
+            return scale, name
+    return 1.0, "FLOP"
+
+
+def format_breakdown(f: FlopsBreakdown, *, seq_len: int, loss: str, fused: bool) -> str:
+    """The per-token table: the parts that add up to the total, then the output projections they include."""
+    scale, unit = _unit(f.total)
+    rows = [("student_forward", f.student_forward), ("student_backward", f.student_backward)]
+    rows += [("teacher_forward", f.teacher_forward), ("loss", f.loss)]
+    if f.fused_recompute:
+        rows.append(("fused_recompute", f.fused_recompute))
+    lines = [f"FLOPs per trained token (seq_len={seq_len}, loss={loss}, fused={fused}), in {unit}:"]
+    lines += [f"  {name:<20} {value / scale:10.4g}" for name, value in rows]
+    total = f"  {'= total':<20} {f.total / scale:10.4g}"
+    lines.append(f"{total}   ({f.pflops_per_million_tokens():.4g} PFLOPs per 1M tokens)")
+    lines.append("  included above, the output projections:")
+    lines.append(f"  {'  student (fwd+bwd)':<20} {f.student_output / scale:10.4g}")
+    lines.append(f"  {'  teacher (fwd)':<20} {f.teacher_output / scale:10.4g}")
+    return "\n".join(lines)
