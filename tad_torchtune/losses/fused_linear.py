@@ -229,7 +229,7 @@ class FusedLinearDistillationLoss(nn.Module):
         else:
             # Every position is projected and ignored ones are masked: slices of a fixed layout, no host sync.
             counts, positions = [seq] * batch, None
-            row_of = torch.arange(batch, device=labels.device).repeat_interleave(seq)
+            row_of = torch.arange(batch * seq, device=labels.device) // seq  # (repeat_interleave would sync)
             num_valid = valid_flat.sum().to(torch.float32)
         # Slices of whole rows hold every position of their sequences, so TAD's w(X) comes from the slice
         # itself: one teacher projection per slice instead of two (see the module docstring).

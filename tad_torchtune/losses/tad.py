@@ -179,8 +179,8 @@ class TADLoss(ChunkedDivergenceLoss):
     ) -> list[_TeacherPass]:
         # Chunks of a [B, S] grid: chunk positions are row-major, S_c per row.
         device = items[0].alpha.device
-        rows = torch.arange(batch_size, device=device)
-        row_ids = [rows.repeat_interleave(item.alpha.numel() // batch_size) for item in items]
+        # Row of each position by division, not repeat_interleave (whose output size is read back: a host sync).
+        row_ids = [torch.arange(it.alpha.numel(), device=device) // (it.alpha.numel() // batch_size) for it in items]
         return self._finish_prepare_rows(items, row_ids, valid_chunks, batch_size)
 
     def _finish_prepare_rows(
