@@ -57,9 +57,10 @@ class _GradientInForward(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grads = ctx.grads
         ctx.grads = None  # free the buffers as soon as autograd has them
-        # The buffers are ours alone: scale in place instead of allocating a second copy, and skip the
-        # pass over [N, V] entirely for the common `loss.backward()` (grad_output == 1).
-        if not (grad_output.numel() == 1 and bool(grad_output == 1)):
+        # The buffers are ours alone: scale in place instead of allocating a second copy. On CPU the pass is
+        # skipped for the common `loss.backward()` (grad_output == 1); on an accelerator reading the value
+        # would be a host sync in the backward, which costs more than one pass over the gradient.
+        if grad_output.device.type != "cpu" or not bool(grad_output == 1):
             grads = [g.mul_(grad_output.to(g.dtype)) for g in grads]
         return (None, None, *grads)
 
@@ -424,20 +425,17 @@ def _fold_ce_value(log_ps: torch.Tensor, valid: torch.Tensor, labels: torch.Tens
 
 def _fold_ce_onehot(grad: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, ce_row: torch.Tensor) -> None:
     """The ``−ce_row·onehot(label)`` part of the CE gradient, in place (``ce_row`` is 0 on ignored rows)."""
+    # One entry per row: gather, subtract, scatter back (a scatter_add_ would use atomics on CUDA, whose
+    # order is not deterministic, for no benefit here).
     target = torch.where(valid, labels, 0)[:, None]
-    grad.scatter_add_(-1, target, -ce_row[:, None])
+    grad.scatter_(-1, target, grad.gather(-1, target) - ce_row[:, None])
 
 
 def sum_nan_as_zero(terms: torch.Tensor) -> torch.Tensor:
     """Row sums of ``[N, V]`` divergence terms with NaN counted as 0 (``0·(−inf − (−inf))`` where both models
-    give a logit of −inf: the term is 0). The input may be modified.
+    give a logit of −inf: the term is 0).
 
-    Eager: a plain sum and one host sync to check for NaN (the rare case pays a second pass). Under
-    ``torch.compile`` that data-dependent branch would break the graph, so ``nansum`` is used instead.
+    ``nansum``: one pass, no data-dependent branch, so no host sync (as fast as ``sum`` on CPU: measured
+    2.9 vs 3.0 ms for ``[512, 32000]`` fp32, one thread).
     """
-    if torch.compiler.is_compiling():
-        return terms.nansum(-1)
-    total = terms.sum(-1)
-    if bool(torch.isnan(total).any()):
-        total = terms.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
-    return total
+    return terms.nansum(-1)

@@ -83,6 +83,11 @@ class FusedLinearDistillationLoss(nn.Module):
         compile_backend (str): the ``torch.compile`` backend. Default: ``"inductor"``
         accumulate_fp32 (bool): accumulate the output-weight gradient in fp32 across slices (returned
             in the weight's dtype). Default: True
+        skip_ignored (bool | None): project only the positions whose label is not ``ignore_index`` (SFT
+            prompts and padding cost nothing) at the price of one host sync per call to count them;
+            ``False`` projects every position in a fixed layout and masks the ignored ones (no host sync).
+            ``None``: skip on CPU, where reading a count costs nothing, and not on an accelerator, where the
+            sync stalls the launch queue. Default: None
 
     Call: ``loss = fused(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)``, see
     :meth:`forward`. ``.last_stats`` / ``.stats()`` as on the divergence, plus ``ce_sum``/``ce_mean``.
@@ -98,6 +103,7 @@ class FusedLinearDistillationLoss(nn.Module):
         compile_chunk: bool = False,
         accumulate_fp32: bool = True,
         compile_backend: str = "inductor",
+        skip_ignored: bool | None = None,
     ):
         super().__init__()
         if not isinstance(divergence, ChunkedDivergenceLoss):
@@ -111,6 +117,7 @@ class FusedLinearDistillationLoss(nn.Module):
         self.chunk_size = int(chunk_size)
         self.compile_chunk = bool(compile_chunk)
         self.accumulate_fp32 = bool(accumulate_fp32)
+        self.skip_ignored = None if skip_ignored is None else bool(skip_ignored)
         self._step: Callable[..., Any] = (
             torch.compile(_chunk_step, dynamic=True, backend=compile_backend) if compile_chunk else _chunk_step
         )
@@ -206,15 +213,24 @@ class FusedLinearDistillationLoss(nn.Module):
         grad_enabled = torch.is_grad_enabled()
         wanted = {name: t is not None and grad_enabled and t.requires_grad for name, t in inputs}
         need_grad = any(wanted.values())
-        # Only valid positions are projected (an SFT batch's prompt and padding cost nothing). One host sync.
         flat_labels = labels.reshape(-1)
         valid_flat = flat_labels != div.ignore_index
-        counts = valid_flat.view(batch, seq).sum(1).tolist()
-        num_positions = sum(counts)
-        positions = None if num_positions == batch * seq else valid_flat.nonzero().squeeze(1)
-        row_of = torch.repeat_interleave(
-            torch.arange(batch, device=labels.device), torch.tensor(counts, device=labels.device)
-        )
+        skip_ignored = self.skip_ignored if self.skip_ignored is not None else labels.device.type == "cpu"
+        if skip_ignored:
+            # Only valid positions are projected (an SFT batch's prompt and padding cost nothing): the slices
+            # depend on the counts, one host sync.
+            counts = valid_flat.view(batch, seq).sum(1).tolist()
+            num_positions = sum(counts)
+            positions = None if num_positions == batch * seq else valid_flat.nonzero().squeeze(1)
+            row_of = torch.repeat_interleave(
+                torch.arange(batch, device=labels.device), torch.tensor(counts, device=labels.device)
+            )
+            num_valid = torch.tensor(float(num_positions), dtype=torch.float32, device=labels.device)
+        else:
+            # Every position is projected and ignored ones are masked: slices of a fixed layout, no host sync.
+            counts, positions = [seq] * batch, None
+            row_of = torch.arange(batch * seq, device=labels.device) // seq  # (repeat_interleave would sync)
+            num_valid = valid_flat.sum().to(torch.float32)
         # Slices of whole rows hold every position of their sequences, so TAD's w(X) comes from the slice
         # itself: one teacher projection per slice instead of two (see the module docstring).
         bounds, whole_rows = _slices(counts, self.chunk_size)
@@ -231,7 +247,6 @@ class FusedLinearDistillationLoss(nn.Module):
             return logits.mul_(inv_tau) if inv_tau != 1.0 else logits
 
         with torch.no_grad():
-            num_valid = torch.tensor(float(num_positions), dtype=torch.float32, device=labels.device)
             scale = 1.0 / num_valid.clamp_min(1.0) if normalize else torch.ones((), device=labels.device)
             kd_scale = scale * kd_weight
             ce_scale = scale * ce_weight
@@ -309,7 +324,7 @@ class FusedLinearDistillationLoss(nn.Module):
         return _GradientInForward.apply(loss, out_grads, *[dict(inputs)[n] for n in names])
 
     def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}, compile_chunk={self.compile_chunk}"
+        return f"chunk_size={self.chunk_size}, compile_chunk={self.compile_chunk}, skip_ignored={self.skip_ignored}"
 
 
 def _chunk_step(
@@ -350,7 +365,7 @@ def _chunk_step(
         ce = masked_sum(-log_p.gather(-1, target).squeeze(-1), valid)
         if need_grad:
             ce_grad = log_p.exp_()
-            ce_grad.scatter_add_(-1, target, torch.full_like(target, -1.0, dtype=ce_grad.dtype))
+            ce_grad.scatter_(-1, target, ce_grad.gather(-1, target) - 1.0)  # one entry per row: no atomics
             ce_grad.mul_(torch.where(valid, ce_scale, 0.0)[:, None])
         del log_p
     student = student.mul_(inv_tau) if inv_tau != 1.0 else student
@@ -426,6 +441,7 @@ class FusedLinearTADLoss(FusedLinearDistillationLoss):
         compile_chunk: bool = False,
         accumulate_fp32: bool = True,
         compile_backend: str = "inductor",
+        skip_ignored: bool | None = None,
     ):
         divergence = TADLoss(
             top_k=top_k,
@@ -435,7 +451,7 @@ class FusedLinearTADLoss(FusedLinearDistillationLoss):
             ignore_index=ignore_index,
             track_topk_overlap=track_topk_overlap,
         )
-        super().__init__(divergence, chunk_size, compile_chunk, accumulate_fp32, compile_backend)
+        super().__init__(divergence, chunk_size, compile_chunk, accumulate_fp32, compile_backend, skip_ignored)
 
 
 class FusedLinearForwardKLLoss(FusedLinearDistillationLoss):
@@ -449,9 +465,10 @@ class FusedLinearForwardKLLoss(FusedLinearDistillationLoss):
         compile_chunk: bool = False,
         accumulate_fp32: bool = True,
         compile_backend: str = "inductor",
+        skip_ignored: bool | None = None,
     ):
         divergence = ForwardKLLoss(temperature=temperature, ignore_index=ignore_index)
-        super().__init__(divergence, chunk_size, compile_chunk, accumulate_fp32, compile_backend)
+        super().__init__(divergence, chunk_size, compile_chunk, accumulate_fp32, compile_backend, skip_ignored)
 
 
 # --------------------------------------------------------------------------------------------------

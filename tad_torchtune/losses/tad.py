@@ -53,12 +53,6 @@ class _TeacherPass:
         self.pt = pt
 
 
-# Below this fp32 tail sum the student's α_S is recomputed in log space (log-sum-exp over the masked
-# log-probabilities) for the rows concerned, so α_T/α_S never overflows and p_S·α_T/α_S keeps its value
-# even where the tail probabilities themselves underflow.
-_ALPHA_S_LOG_SPACE_BELOW = 1e-30
-
-
 _TOPK_BLOCK = 64
 
 
@@ -185,8 +179,8 @@ class TADLoss(ChunkedDivergenceLoss):
     ) -> list[_TeacherPass]:
         # Chunks of a [B, S] grid: chunk positions are row-major, S_c per row.
         device = items[0].alpha.device
-        rows = torch.arange(batch_size, device=device)
-        row_ids = [rows.repeat_interleave(item.alpha.numel() // batch_size) for item in items]
+        # Row of each position by division, not repeat_interleave (whose output size is read back: a host sync).
+        row_ids = [torch.arange(it.alpha.numel(), device=device) // (it.alpha.numel() // batch_size) for it in items]
         return self._finish_prepare_rows(items, row_ids, valid_chunks, batch_size)
 
     def _finish_prepare_rows(
@@ -199,19 +193,25 @@ class TADLoss(ChunkedDivergenceLoss):
         """w(X) of every position (paper Eq. 3) from the first pass's α_T: ``β / mean α_T`` over each row's
         valid positions. ``row_ids[i]`` is the ``[N_i]`` row (sequence) of each position of chunk ``i``, so
         the chunks may hold any positions of any rows (e.g. only the valid ones). Sets ``_prepared_stats``."""
+        # Per-row sums in fp64 as a masked column sum (no index_add_): an fp32 accumulation of 4096 near-equal
+        # α_T erred by 1.3e-6 in w(X) (test_gpu_readiness.py; up to 1e-5 reported), and index_add_'s atomics
+        # vary run to run on CUDA; a plain reduction is deterministic, needs no host sync, costs [N, rows] fp64.
         device = items[0].alpha.device
-        alpha_sum = torch.zeros(num_rows, dtype=torch.float32, device=device)
-        count = torch.zeros(num_rows, dtype=torch.float32, device=device)
+        acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no fp64; its sum is a tree
+        alpha_sum = torch.zeros(num_rows, dtype=acc, device=device)
+        count = torch.zeros(num_rows, dtype=acc, device=device)
+        row_range = torch.arange(num_rows, device=device)
         for item, rows, valid in zip(items, row_ids, valid_chunks, strict=True):
-            alpha_sum.index_add_(0, rows, torch.where(valid, item.alpha, 0.0))
-            count.index_add_(0, rows, valid.to(torch.float32))
+            member = (rows[:, None] == row_range[None, :]) & valid[:, None]  # [N, rows]
+            alpha_sum += torch.where(member, item.alpha.to(acc)[:, None], 0.0).sum(0)
+            count += member.sum(0)
         has_tokens = count > 0
         if self.normalize_beta:
-            mean_alpha = alpha_sum / count.clamp_min(1.0)
+            mean_alpha = (alpha_sum / count.clamp_min(1.0)).to(torch.float32)
             # Clamp so a denormal mean cannot overflow w; a row whose α_T are all 0 keeps only D_KL1.
             row_w = torch.where(mean_alpha > 0, self.beta / mean_alpha.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         else:
-            row_w = torch.full_like(alpha_sum, self.beta)
+            row_w = torch.full((num_rows,), self.beta, dtype=torch.float32, device=device)
         for item, rows in zip(items, row_ids, strict=True):
             item.weight = row_w[rows]
         self._prepared_stats = {
@@ -239,7 +239,7 @@ class TADLoss(ChunkedDivergenceLoss):
             del student_idx
 
         # Three [N, V] fp32 buffers, written in place (each line is one pass over the chunk):
-        #   a: log p_S (kept for the rare log-space rows);  b: log p_T -> KL terms -> p_S -> gradient;  c: p_T.
+        #   a: log p_S -> its tail part;  b: log p_T -> KL terms -> shifted tail p_S (q) -> gradient;  c: p_T.
         # The scaled inputs' own buffers are reused when they are ours; a single-pass first pass hands
         # over log p_T and p_T already computed.
         log_ps = torch._log_softmax(student, -1, False, out=self._buffer("a", student))
@@ -261,28 +261,19 @@ class TADLoss(ChunkedDivergenceLoss):
         kl = topk_kl + tail_kl
         del kl_terms
 
-        # Student mass on the teacher's tail, α_S (docs/spec.md §3.5), from p_S written over b.
-        ps = torch.exp(log_ps, out=b)
-        ps_top = ps.gather(-1, idx)
-        alpha_s = ps.scatter_(-1, idx, 0.0).sum(-1)  # top-K entries of b are now 0, rewritten below
-        log_alpha_s = alpha_s.log()
-        tiny = (alpha_s < _ALPHA_S_LOG_SPACE_BELOW) & (alpha_t > 0)
-        # Eager: the rows concerned (one host sync), redone alone. Under torch.compile a data-dependent branch
-        # breaks the graph (and loses the chunk's statistics), so every row is done both ways and selected.
-        dense = torch.compiler.is_compiling()
-        if dense:
-            rows = slice(None)
-        else:
-            rows = tiny.nonzero().squeeze(-1) if bool(tiny.any()) else None
-        if rows is not None:
-            masked = log_ps[rows].scatter(-1, idx[rows], _NEG_INF)
-            tail_lse = torch.logsumexp(masked, dim=-1)
-            if dense:
-                log_alpha_s = torch.where(tiny, tail_lse, log_alpha_s)
-            else:
-                log_alpha_s = log_alpha_s.index_put((rows,), tail_lse)
-            del masked
-
+        # Student mass on the teacher's tail, α_S (docs/spec.md §3.5), as a shifted sum that cannot underflow:
+        # with m = max of log p_S over the tail, q = exp(log p_S − m) (tail only) gives α_S = e^m·Σq and
+        # log α_S = m + log Σq with Σq >= 1, and the tail gradient's p_S·α_T/α_S = q·α_T/Σq stays finite
+        # even where every tail p_S underflows fp32. No data-dependent branch: no host sync, one graph
+        # under torch.compile, and the same arithmetic for every row.
+        lps_top = log_ps.gather(-1, idx)
+        ps_top = lps_top.exp()
+        tail_lps = log_ps.scatter_(-1, idx, _NEG_INF)  # a: log p_S on the tail, −inf on the top-K
+        m = tail_lps.amax(-1)
+        m = torch.where(torch.isfinite(m), m, 0.0)  # a tail all −inf (masked logits): q = 0, α_S = 0
+        q = torch.sub(tail_lps, m[:, None], out=b).exp_()  # top-K entries: exp(−inf) = 0
+        sum_q = q.sum(-1)
+        log_alpha_s = m + sum_q.log()
         log_ratio = alpha_t.log() - log_alpha_s  # log(α_T / α_S); −inf when α_T underflowed
         bucket = torch.where(alpha_t > 0, alpha_t * log_ratio, 0.0)
         dkl1 = topk_kl + bucket
@@ -308,28 +299,18 @@ class TADLoss(ChunkedDivergenceLoss):
             # and the one-hot goes in last.
             row = torch.where(valid, self.temperature * grad_scale, 0.0)
             ce_row = torch.where(valid, ce[1], 0.0) if ce is not None else None
-            c1 = row * (1.0 + (w - 1.0) * log_ratio.exp())
+            # Tail entries are q·(c_1 p_S / q) with p_S = e^m·q: c_q = row·(e^m + (w − 1)·α_T/Σq), finite for
+            # every row (0 where the student's tail holds no mass at all).
+            ratio = torch.where(sum_q > 0, alpha_t / sum_q, 0.0)
+            e_m = m.exp()
+            cq = row * (e_m + (w - 1.0) * ratio)
             if ce_row is not None:
-                c1 = c1 + ce_row
-            grad = ps.mul_(c1[:, None]).addcmul_(pt, (row * w)[:, None], value=-1.0)
+                cq = cq + ce_row * e_m
+            grad = q.mul_(cq[:, None]).addcmul_(pt, (row * w)[:, None], value=-1.0)
             top_grad = (ps_top - pt_top).mul_(row[:, None])
             if ce_row is not None:
                 top_grad.addcmul_(ps_top, ce_row[:, None])
             grad.scatter_(-1, idx, top_grad)
-            if rows is not None:
-                # α_S below fp32's comfortable range: p_S·α_T/α_S in log space for these rows only.
-                lp = log_ps[rows]
-                r_rows, w_rows = row[rows, None], w[rows, None]
-                p_rows = lp.exp()
-                fixed = p_rows - pt[rows] + (w_rows - 1.0) * ((lp + log_ratio[rows, None]).exp() - pt[rows])
-                fixed.scatter_(-1, idx[rows], (ps_top[rows] - pt_top[rows]))
-                fixed.mul_(r_rows)
-                if ce_row is not None:
-                    fixed.addcmul_(p_rows, ce_row[rows, None])
-                if dense:
-                    grad = torch.where(tiny[:, None], fixed, grad)
-                else:
-                    grad[rows] = fixed
             if ce_row is not None:
                 _fold_ce_onehot(grad, valid, ce[0], ce_row)
         if ce_sum is not None:

@@ -424,7 +424,10 @@ class KDTADRecipe(FTRecipeInterface):
             # Stats, hooks and the rest of the recipe see the divergence, as on the chunked path.
             self._kd_loss = self._kd_loss.divergence
         else:
-            self._fused_loss = FusedLinearDistillationLoss(self._kd_loss, chunk_size=self._fused_chunk_size)
+            # compile: true covers the loss too: the per-slice projection, divergence and gradient are compiled.
+            self._fused_loss = FusedLinearDistillationLoss(
+                self._kd_loss, chunk_size=self._fused_chunk_size, compile_chunk=self._compile
+            )
         self._loss_path_message = (
             f"loss path: fused ({type(self._kd_loss).__name__} from final hidden states and output weights, "
             f"{self._fused_loss.chunk_size} tokens per slice, no [B, S, V] logits; fused_loss: {self._fused_mode})"
@@ -606,8 +609,14 @@ class KDTADRecipe(FTRecipeInterface):
             else partial(_get_component_from_path(collate_fn), padding_idx=pad_id, ignore_idx=self._ignore_index)
         )
         # drop_last: every rank and every step sees full micro-batches (equal work, equal shapes).
+        # Pinned host batches make the copies in _prepare_batch asynchronous on CUDA (no wait on the host).
         dataloader = StatefulDataLoader(
-            dataset=ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True
+            dataset=ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=self._device.type == "cuda",
         )
         return dataloader, sampler
 
@@ -723,7 +732,10 @@ class KDTADRecipe(FTRecipeInterface):
     # training
     def _prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Moves a batch to the device and shifts labels to next-token labels unless the dataset did."""
-        batch = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        # non_blocking: from pinned memory the copy is queued on the stream, ordered before the kernels using it.
+        batch = {
+            k: v.to(self._device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        }
         if not self._labels_shifted:
             labels = batch["labels"]
             pad = torch.full_like(labels[:, :1], self._ignore_index)
@@ -981,6 +993,11 @@ class KDTADRecipe(FTRecipeInterface):
             if self._device.type == "cuda":
                 metrics["peak_memory_alloc_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
                 metrics["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self._device) / 2**30
+                mem = torch.cuda.memory_stats(self._device)  # host-side counters: no device sync
+                metrics["memory_alloc_gib"] = mem.get("allocated_bytes.all.current", 0) / 2**30
+                # cudaMalloc retries (the cache was flushed to satisfy an allocation) and OOMs survived: a
+                # non-zero, growing count means fragmentation is costing time; see docs/performance.md.
+                metrics["alloc_retries"] = float(mem.get("num_alloc_retries", 0))
             else:
                 metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return metrics
