@@ -22,6 +22,7 @@ import sys
 
 from tad_torchtune.data._tokenizers import load_tokenizer
 from tad_torchtune.data.token_file import write_token_file
+from tad_torchtune.reliability.errors import EXIT_REFUSED
 
 
 def _parse_value(text: str):
@@ -83,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             print(f"--tokenizer-arg {item!r} is not KEY=VALUE", file=sys.stderr)
-            return 2
+            return EXIT_REFUSED
         kwargs[key] = _parse_value(value)
     try:
         tokenizer = load_tokenizer(args.tokenizer, **kwargs)
         meta = _write(args, tokenizer, kwargs)
     except (FileExistsError, FileNotFoundError, ValueError) as err:  # bad input: one line, no traceback
         print(f"tad-tune tokenize: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: {args.output} is not complete; rerun the same command to resume",

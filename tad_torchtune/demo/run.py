@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tad_torchtune.reliability.errors import EXIT_REFUSED
+
 LOSSES: dict[str, dict[str, Any] | None] = {
     # name -> kd_loss node (None: CE only). TAD with the paper's defaults (top_k=10, beta=2).
     "TAD": {"_component_": "tad_torchtune.TADLoss", "top_k": 10, "beta": 2.0},
@@ -495,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = _options(args)
     except ValueError as err:
         print(f"tad-tune demo: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     from tad_torchtune.demo.smollm2 import MissingModelError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -503,5 +505,5 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(opts)
     except MissingModelError as err:
         print(f"tad-tune demo: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     return 0

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tad_torchtune.eval._logits import paired_chunks, single_chunks
+from tad_torchtune.reliability.errors import EXIT_REFUSED
 
 __all__ = [
     "heldout_metrics",
@@ -494,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except (FileNotFoundError, ValueError) as err:  # bad input: one line naming it, no traceback
         print(f"tad-tune diagnose {args.cmd}: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
 
 def model_max_seq_len(cfg, key: str) -> int | None:

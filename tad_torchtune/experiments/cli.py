@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tad_torchtune.experiments.grid import GridError, load_grid, shipped_grids
+from tad_torchtune.reliability.errors import EXIT_REFUSED
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -81,5 +82,5 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {write_report(args.folder, args.to)}")
     except GridError as err:
         print(f"tad-tune experiment: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     return 0

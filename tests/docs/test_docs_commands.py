@@ -30,6 +30,10 @@ RULES: list[tuple[str, str | None]] = [
     (r"\bpip install\b|python3? -m venv", "environment set-up (installs packages)"),
     (r"python -m pytest", "runs the test suite itself"),
     (r"^tad-tune demo\b|\btad_demo/", "the SmolLM2 demo: minutes and GBs of RAM (tests/demo covers it)"),
+    (
+        r"^tad-tune experiment (run|report) (tad_vs_kd|experiments/)",
+        "a shipped experiment grid: hours on CPU or a GPU (tests/experiments runs a tiny grid)",
+    ),
     (r"^tad-tune plan ", None),  # memory arithmetic: runs for paper configs too
     (r"^tad-tune flops ", None),
     (

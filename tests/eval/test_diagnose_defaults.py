@@ -27,7 +27,7 @@ def test_ece_takes_seq_len_from_the_model(assets, tmp_path, capsys, monkeypatch)
 
 def test_too_long_seq_len_is_refused_before_compute(assets, tmp_path, capsys):
     argv = ["tail", "--config", "tiny_cpu", "--text", str(assets / "data" / "heldout.txt"), "--seq-len", "512"]
-    assert main(argv + ["--out", str(tmp_path / "d"), f"assets_dir={assets}"]) == 2
+    assert main(argv + ["--out", str(tmp_path / "d"), f"assets_dir={assets}"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == (
         "tad-tune diagnose tail: --seq-len 512 exceeds max_seq_len of {'teacher_model': 128} (the RoPE cache); "
@@ -37,12 +37,12 @@ def test_too_long_seq_len_is_refused_before_compute(assets, tmp_path, capsys):
 
 
 def test_missing_config_is_one_line(tmp_path, capsys):
-    assert main(["ece", "--config", str(tmp_path / "nope.yaml"), "--text", "x.txt"]) == 2
+    assert main(["ece", "--config", str(tmp_path / "nope.yaml"), "--text", "x.txt"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tad-tune diagnose ece: config ") and "shipped config name" in err
 
 
 def test_compare_with_a_missing_csv_is_one_line(tmp_path, capsys):
-    assert main(["compare", "--run", f"TAD={tmp_path / 'nope.csv'}", "--out", str(tmp_path / "k.png")]) == 2
+    assert main(["compare", "--run", f"TAD={tmp_path / 'nope.csv'}", "--out", str(tmp_path / "k.png")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tad-tune diagnose compare: ") and "nope.csv" in err and len(err.splitlines()) == 1

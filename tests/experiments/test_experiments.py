@@ -153,7 +153,7 @@ def test_a_malformed_grid_is_one_clear_error_before_any_run(tmp_path, change, wo
         parse_grid(yaml.safe_load(path.read_text()))
     for w in words:
         assert w in str(info.value)
-    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words[0] in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

@@ -148,7 +148,15 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
     ),
     (
         "export-hf missing config",
-        ["export-hf", "--config", "{W}/nope.yaml", "--weights", "{W}/x.pt", "--out", "{W}/fresh_export"],
+        [
+            "export-hf",
+            "--config",
+            "{W}/nope.yaml",
+            "--weights",
+            "{W}/assets/student/model.pt",
+            "--out",
+            "{W}/fresh_export",
+        ],
         ["nope.yaml"],
     ),
     # --- tokenize ---
