@@ -8,7 +8,7 @@ with ``pathlib`` (``ROOT / "recipes" / "/abs/kd_tad.py"`` is ``/abs/kd_tad.py``)
 
 Registered recipes:
 
-- ``knowledge_distillation_tad`` -> ``tad_torchtune/recipes/kd_tad.py``; configs: ``configs/*.yaml``
+- ``knowledge_distillation_tad`` -> ``tad_torchtune/recipes/kd_tad.py``; configs: ``tad_torchtune/configs/*.yaml``
   except ``eval_*`` (names are file stems, e.g. ``tiny_cpu``).
 - ``eval_tad`` -> ``tad_torchtune/eval/eval_tad.py`` (listed once that file exists); configs: ``configs/eval_*.yaml``.
 """
@@ -27,9 +27,9 @@ EVAL_RECIPE = "eval_tad"
 
 
 def config_dirs() -> list[Path]:
-    """Where shipped configs live: ``<checkout>/configs`` (source/editable install) or the package's own."""
-    candidates = [PACKAGE_DIR.parent / "configs", PACKAGE_DIR / "configs"]
-    return [p for p in candidates if p.is_dir()]
+    """Where shipped configs live: inside the package (``tad_torchtune/configs``, in every install, wheel or
+    editable; a checkout's top-level ``configs`` is a link to it)."""
+    return [p for p in (PACKAGE_DIR / "configs",) if p.is_dir()]
 
 
 def _configs(match) -> list[Config]:

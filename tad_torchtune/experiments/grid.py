@@ -228,7 +228,7 @@ def parse_grid(raw: Any) -> GridSpec:
 
 def shipped_grids() -> dict[str, Path]:
     """The grids under ``configs/experiments/``: ``{name: path}``."""
-    root = Path(__file__).resolve().parents[2] / "configs" / "experiments"
+    root = Path(__file__).resolve().parents[1] / "configs" / "experiments"
     return {p.stem: p for p in sorted(root.glob("*.yaml"))}
 
 

@@ -22,8 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune.models.qwen2._component_builders import qwen2
 
-# The shipped tiny config (in the checkout's configs/, beside the package).
-TINY_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+# The shipped tiny config (inside the package: tad_torchtune/configs).
+TINY_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
 # Shared by the tiny configs (keep in sync with configs/tiny_*.yaml).
 STUDENT_KWARGS = dict(
