@@ -252,6 +252,44 @@ def write_report(folder: str | Path, to: str | Path | None = None) -> Path:
                     md.append(f"| {a} − {b} | {set_name} | {key} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | "
                               f"{d.n} | {verdict} |")  # fmt: skip
         md.append("")
+    # --- paired differences along training (the curve subset) ---
+    if spec.compare:
+        md += [
+            "### Along training: paired forward-KL differences A − B on the held-out curve subset",
+            "",
+            "| A − B | step | tokens | mean difference | 95 % CI | seeds | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for a, b in spec.compare:
+            if a not in results or b not in results:
+                continue
+            for step in sorted(
+                {int(r["step"]) for res in results[a].values() for r in res["evals"] if r["set"] == "curve"}
+            ):
+                if step == 0:
+                    continue  # every variant starts from the same student
+
+                def at(name: str, step: int = step) -> dict[int, float]:
+                    return {
+                        seed: row["fkl"]
+                        for seed, res in results[name].items()
+                        for row in res["evals"]
+                        if row["set"] == "curve" and int(row["step"]) == step
+                    }
+
+                try:
+                    d = paired_difference(at(a), at(b))
+                except ValueError:
+                    continue
+                tokens = next(
+                    r["tokens"] for res in results[a].values() for r in res["evals"] if int(r["step"]) == step
+                )
+                verdict = "established" if d.established else "not established"
+                row = {"a": a, "b": b, "set": "curve", "metric": f"fkl@step{step}", "mean": d.mean, "sd": d.sd}
+                paired_rows.append(row | {"low": d.low, "high": d.high, "n": d.n, "established": d.established})
+                md.append(f"| {a} − {b} | {step} | {tokens:.0f} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | "
+                          f"{d.n} | {verdict} |")  # fmt: skip
+        md.append("")
     _write_csv(out / "paired.csv", paired_rows)
 
     # --- Figure 1: held-out KL along training, per student ---

@@ -180,6 +180,7 @@ def test_the_report_writes_tables_and_figures(tmp_path):
                  "fig1_heldout_kl_default.png", "fig2_teacher_tail.png", "eq6_alpha.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     assert "| TAD − CE | heldout | fkl |" in md and "Finished runs: 4 of 4" in md
+    assert "| TAD − CE | 2 | " in md and "| TAD − CE | 4 | " in md  # paired along training, per curve step
 
 
 def test_shipped_grids_parse():
