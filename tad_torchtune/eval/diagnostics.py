@@ -509,9 +509,9 @@ def model_max_seq_len(cfg, key: str) -> int | None:
     if node.get("max_seq_len") is not None:
         return int(node["max_seq_len"])
     try:
-        from tad_torchtune.models.export import resolve_model_node
+        from tad_torchtune.models.registry import resolve
 
-        return int(resolve_model_node(node)[1]["max_seq_len"])
+        return int(resolve(node)[1]["max_seq_len"])
     except (ValueError, KeyError, TypeError, ImportError, AttributeError):
         return None
 

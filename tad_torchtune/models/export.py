@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from tad_torchtune.models import standalone
-from tad_torchtune.models.registry import FAMILIES, component_builder
+from tad_torchtune.models.registry import FAMILIES, component_builder, resolve
 from tad_torchtune.models.standalone import TOKENIZER_FILES  # noqa: F401  (re-exported)
 from tad_torchtune.reliability.errors import EXIT_REFUSED
 
@@ -417,27 +417,6 @@ def load_weights(path: str | Path, family: str | None = None) -> dict[str, torch
 
 # Builders that are a family's component builder with other defaults: exported as that family, with the
 # wrapper's own defaults filled in from its signature.
-_BUILT_ON = {
-    "tad_torchtune.demo.smollm2.smollm2": "torchtune.models.llama3._component_builders.llama3",
-}
-
-
-def resolve_model_node(node: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """:func:`tad_torchtune.models.registry.resolve`, plus the thin wrappers in ``_BUILT_ON`` (the demo's SmolLM2)."""
-    import inspect
-
-    from torchtune.config._utils import _get_component_from_path
-
-    from tad_torchtune.models.registry import resolve
-
-    path = str(node.get("_component_"))
-    if path in _BUILT_ON:
-        sig = inspect.signature(_get_component_from_path(path))
-        defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
-        node = {**defaults, **node, "_component_": _BUILT_ON[path]}
-    return resolve(node)
-
-
 def _default_config(weights: Path) -> Path | None:
     return standalone.find_run_config(weights)
 
@@ -522,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"config {cfg_path} has no {ns.model_key!r} node")
     node = OmegaConf.to_container(cfg[ns.model_key], resolve=True)
     try:
-        family, args = resolve_model_node(node)
+        family, args = resolve(node)
     except ValueError as err:
         return fail(str(err))
     sd = load_weights(weights, family)

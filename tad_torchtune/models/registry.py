@@ -239,6 +239,12 @@ _COMPONENT_PATHS = {
 }
 
 
+# Builders elsewhere in the package that wrap a family's component builder with some arguments fixed.
+THIN_WRAPPERS = {
+    "tad_torchtune.demo.smollm2.smollm2": "torchtune.models.llama3._component_builders.llama3",
+}
+
+
 def resolve(model_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(family, full component kwargs)`` for a YAML model node.
 
@@ -256,6 +262,14 @@ def resolve(model_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     cfg = dict(model_cfg)
     path = str(cfg.pop("_component_"))
     name = path.rsplit(".", 1)[-1]
+    if path in THIN_WRAPPERS:
+        # A builder that only fixes some arguments of a family's component builder: its defaults, then the node.
+        from torchtune.config._utils import _get_component_from_path
+
+        sig = inspect.signature(_get_component_from_path(path))
+        defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+        cfg = {**defaults, **cfg}
+        path = THIN_WRAPPERS[path]
     if path in _COMPONENT_PATHS:
         family, kwargs = _COMPONENT_PATHS[path], cfg
     elif path.startswith("tad_torchtune.models") and name in NAMED:

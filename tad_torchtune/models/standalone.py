@@ -226,9 +226,9 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 def _dims(node: Mapping[str, Any]) -> str:
     """`` (llama3, 30 layers, dim 576)`` for a model node, or "" when its builder is unknown."""
     try:
-        from tad_torchtune.models.export import resolve_model_node  # lazy: export imports this module
+        from tad_torchtune.models.registry import resolve
 
-        family, args = resolve_model_node(dict(node))
+        family, args = resolve(dict(node))
         return f" ({family}, {args['num_layers']} layers, dim {args['embed_dim']})"
     except Exception:  # an unknown builder: the component path alone
         return ""

@@ -11,16 +11,23 @@ from tad_torchtune._quiet import quiet_git_hash
 
 
 def test_known_messages_dropped_others_kept(caplog):
-    # `tad-tune`'s entry point may have raised torchao's level in this process; the filter is what is tested
-    torchao_logger = logging.getLogger("torchao")
-    level = torchao_logger.level
-    torchao_logger.setLevel(logging.NOTSET)
-    with caplog.at_level(logging.WARNING):
-        logging.getLogger("torchao").warning("Skipping import of cpp extensions due to incompatible torch version")
-        logging.getLogger("torchao").warning("something else from torchao")
-        logging.getLogger("lm_eval.api.task").warning("t: Custom kwargs can be passed to `--metadata` in console")
-        logging.getLogger("lm_eval.api.task").warning("a real task warning")
-    torchao_logger.setLevel(level)
+    # Other code in this process (`tad-tune`'s entry point, lm-eval's own logging set-up when an earlier test ran
+    # an evaluation) may have changed these loggers' level or propagation; the filter is what is tested here.
+    names = ("torchao", "lm_eval", "lm_eval.api", "lm_eval.api.task")
+    saved = [(lg, lg.level, lg.propagate, lg.disabled) for lg in map(logging.getLogger, names)]
+    for lg, *_ in saved:
+        lg.setLevel(logging.NOTSET)
+        lg.propagate, lg.disabled = True, False
+    try:
+        with caplog.at_level(logging.WARNING):
+            logging.getLogger("torchao").warning("Skipping import of cpp extensions due to incompatible torch version")
+            logging.getLogger("torchao").warning("something else from torchao")
+            logging.getLogger("lm_eval.api.task").warning("t: Custom kwargs can be passed to `--metadata` in console")
+            logging.getLogger("lm_eval.api.task").warning("a real task warning")
+    finally:
+        for lg, level, propagate, disabled in saved:
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
     assert [r.getMessage() for r in caplog.records] == ["something else from torchao", "a real task warning"]
 
 
