@@ -10,25 +10,34 @@ import tad_torchtune  # noqa: F401  (installs the filters)
 from tad_torchtune._quiet import quiet_git_hash
 
 
-def test_known_messages_dropped_others_kept(caplog):
-    # Other code in this process (`tad-tune`'s entry point, lm-eval's own logging set-up when an earlier test ran
-    # an evaluation) may have changed these loggers' level or propagation; the filter is what is tested here.
-    names = ("torchao", "lm_eval", "lm_eval.api", "lm_eval.api.task")
-    saved = [(lg, lg.level, lg.propagate, lg.disabled) for lg in map(logging.getLogger, names)]
-    for lg, *_ in saved:
-        lg.setLevel(logging.NOTSET)
-        lg.propagate, lg.disabled = True, False
+def test_known_messages_dropped_others_kept():
+    # A handler on each logger itself sees exactly what that logger's filters let through, whatever other code in
+    # this process (the entry point, lm-eval's own logging set-up in an earlier test) did to levels, propagation
+    # or the root's handlers.
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Collect(level=logging.DEBUG)
+    loggers = [logging.getLogger(name) for name in ("torchao", "lm_eval.api.task")]
+    saved = [(lg, lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.WARNING)
+        lg.propagate, lg.disabled = False, False
     try:
-        with caplog.at_level(logging.WARNING):
-            logging.getLogger("torchao").warning("Skipping import of cpp extensions due to incompatible torch version")
-            logging.getLogger("torchao").warning("something else from torchao")
-            logging.getLogger("lm_eval.api.task").warning("t: Custom kwargs can be passed to `--metadata` in console")
-            logging.getLogger("lm_eval.api.task").warning("a real task warning")
+        logging.getLogger("torchao").warning("Skipping import of cpp extensions due to incompatible torch version")
+        logging.getLogger("torchao").warning("something else from torchao")
+        logging.getLogger("lm_eval.api.task").warning("t: Custom kwargs can be passed to `--metadata` in console")
+        logging.getLogger("lm_eval.api.task").warning("a real task warning")
     finally:
         for lg, level, propagate, disabled in saved:
+            lg.removeHandler(handler)
             lg.setLevel(level)
             lg.propagate, lg.disabled = propagate, disabled
-    assert [r.getMessage() for r in caplog.records] == ["something else from torchao", "a real task warning"]
+    assert seen == ["something else from torchao", "a real task warning"]
 
 
 def test_a_fresh_process_prints_neither_torchao_nor_set_vital_message():
