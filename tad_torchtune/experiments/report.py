@@ -25,7 +25,7 @@ import yaml
 
 from tad_torchtune.experiments.grid import GridSpec, parse_grid
 from tad_torchtune.experiments.runner import read_jsonl
-from tad_torchtune.experiments.stats import paired_difference, summarize
+from tad_torchtune.experiments.stats import PairedDifference, paired_difference, summarize
 
 __all__ = ["write_report", "load_results"]
 
@@ -86,6 +86,18 @@ def _curve_stats(runs: dict[int, dict[str, Any]], key: str) -> list[dict[str, fl
         s = summarize([v for _, v in vals])
         out.append({"step": step, "tokens": sum(t for t, _ in vals) / len(vals), "mean": s.mean, "sd": s.sd, "n": s.n})
     return out
+
+
+def _paired_row(a: str, b: str, set_name: str, metric: str, d: PairedDifference) -> dict[str, Any]:
+    """One row of ``paired.csv``."""
+    return {"a": a, "b": b, "set": set_name, "metric": metric, "mean": d.mean, "sd": d.sd, "low": d.low,
+            "high": d.high, "n": d.n, "established": d.established}  # fmt: skip
+
+
+def _paired_cells(d: PairedDifference) -> str:
+    """The Markdown cells ``mean | [low, high] | n | verdict`` of a paired difference."""
+    verdict = "established" if d.established else "not established"
+    return f"{d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.n} | {verdict}"
 
 
 def _fmt(summary, digits: int = 3) -> str:
@@ -244,13 +256,8 @@ def write_report(folder: str | Path, to: str | Path | None = None) -> Path:
                         d = paired_difference(finals_of(a, set_name, key), finals_of(b, set_name, key))
                     except ValueError:
                         continue
-                    verdict = "established" if d.established else "not established"
-                    paired_rows.append(
-                        {"a": a, "b": b, "set": set_name, "metric": key, "mean": d.mean, "sd": d.sd, "low": d.low,
-                         "high": d.high, "n": d.n, "established": d.established}
-                    )  # fmt: skip
-                    md.append(f"| {a} − {b} | {set_name} | {key} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | "
-                              f"{d.n} | {verdict} |")  # fmt: skip
+                    paired_rows.append(_paired_row(a, b, set_name, key, d))
+                    md.append(f"| {a} − {b} | {set_name} | {key} | {_paired_cells(d)} |")
         md.append("")
     # --- paired differences along training (the curve subset) ---
     if spec.compare:
@@ -284,11 +291,8 @@ def write_report(folder: str | Path, to: str | Path | None = None) -> Path:
                 tokens = next(
                     r["tokens"] for res in results[a].values() for r in res["evals"] if int(r["step"]) == step
                 )
-                verdict = "established" if d.established else "not established"
-                row = {"a": a, "b": b, "set": "curve", "metric": f"fkl@step{step}", "mean": d.mean, "sd": d.sd}
-                paired_rows.append(row | {"low": d.low, "high": d.high, "n": d.n, "established": d.established})
-                md.append(f"| {a} − {b} | {step} | {tokens:.0f} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | "
-                          f"{d.n} | {verdict} |")  # fmt: skip
+                paired_rows.append(_paired_row(a, b, "curve", f"fkl@step{step}", d))
+                md.append(f"| {a} − {b} | {step} | {tokens:.0f} | {_paired_cells(d)} |")
         md.append("")
     _write_csv(out / "paired.csv", paired_rows)
 
