@@ -1,8 +1,13 @@
-"""The chunk loop every divergence shares: input checks, vocabulary cut, label split, reduction.
+"""The chunk-kernel protocol and the chunk loop every divergence shares.
 
-A divergence subclass only says what happens on one chunk of flattened positions (``_chunk``) and,
-when it needs sequence-level statistics first (TAD's w(X)), what a cheap no-grad first pass over the
-teacher chunks computes (``_prepare``). The gradient with respect to the student logits is computed
+A divergence is a *chunk kernel* (:class:`ChunkKernel`): it says what happens on one chunk of flattened
+positions (:meth:`~ChunkKernel.chunk_terms`: per-token terms and the logit gradient) and, when it needs
+sequence-level statistics first (TAD's w(X)), what a cheap no-grad first pass over the teacher chunks
+computes (:meth:`~ChunkKernel.prepare_chunk`, :meth:`~ChunkKernel.finish_prepare_rows`). Two drivers call
+the kernel through that protocol alone: :meth:`ChunkedDivergenceLoss.forward` (materialised logits) and
+:class:`~tad_torchtune.losses.fused_linear.FusedLinearDistillationLoss` (hidden states, no logits).
+
+The gradient with respect to the student logits is computed
 chunk by chunk *during the forward* and kept in the input dtype, so no ``[B, S, V]`` fp32 activation is
 saved for backward (the memory profile of Liger's chunked losses, and leaner than torchtune's chunked
 KL, whose autograd graph keeps two fp32 copies of every chunk until backward).
@@ -12,8 +17,9 @@ This module imports only ``torch`` (docs/design.md, "Boundaries").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -38,6 +44,61 @@ class ChunkResult:
         self.per_token = per_token
         self.grad = grad
         self.stats = stats
+
+
+@runtime_checkable
+class ChunkKernel(Protocol):
+    """What a chunk driver (the materialised loop, the fused loss) asks of a divergence.
+
+    One loss call over chunks of ``[N_c, V]`` fp32 logits, already divided by τ:
+
+    1. :meth:`check_vocab` once, with the student vocabulary ``V``.
+    2. Only when :attr:`needs_row_stats`: :meth:`prepare_chunk` on every teacher chunk (no grad), then
+       :meth:`finish_prepare_rows` once on all the items; it returns one ``prepared`` item per chunk and the
+       first pass's statistics.
+    3. :meth:`chunk_terms` on every chunk with its ``prepared`` item (``None`` without a first pass).
+    4. The driver adds up the per-token terms and the statistics, and :meth:`summarize` turns the sums into
+       means, each over its own denominator (:attr:`stat_denominators`).
+
+    Scratch ``[N, V]`` buffers come from :meth:`buffer_of`; inside :meth:`workspace` they are reused across
+    the chunks of a call.
+    """
+
+    temperature: float
+    ignore_index: int
+    #: Whether the kernel needs the first pass (sequence statistics before any chunk's terms).
+    needs_row_stats: bool
+    #: Whether :meth:`chunk_terms` accepts ``ce=(labels, ce_scale)`` and folds the student's CE into its own
+    #: value and gradient.
+    folds_ce: bool
+    #: ``statistic -> denominator`` for :meth:`summarize` (any other ``*_sum`` is per ``num_tokens``).
+    stat_denominators: dict[str, str]
+
+    def check_vocab(self, vocab: int) -> None: ...
+
+    def prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor, keep: bool = False) -> Any: ...
+
+    def finish_prepare_rows(
+        self, items: list[Any], row_ids: list[torch.Tensor], valid_chunks: list[torch.Tensor], num_rows: int
+    ) -> tuple[list[Any], dict[str, torch.Tensor]]: ...
+
+    def chunk_terms(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        valid: torch.Tensor,
+        prepared: Any,
+        need_grad: bool,
+        grad_scale: torch.Tensor | float = 1.0,
+    ) -> ChunkResult: ...
+
+    def workspace(self, device: torch.device, rows: int) -> Any: ...
+
+    def buffer_of(
+        self, name: str, rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor: ...
+
+    def summarize(self, stats: dict[str, torch.Tensor]) -> dict[str, float]: ...
 
 
 class _GradientInForward(torch.autograd.Function):
@@ -107,32 +168,47 @@ class ChunkedDivergenceLoss(nn.Module):
         self.keep_workspace: bool | None = None
 
     # ----------------------------------------------------------------------------------------------
-    # What a subclass provides
-    _needs_prepare: bool = False
-    #: ``_chunk`` accepts ``ce=(labels, ce_scale)`` and adds the student's cross-entropy (at τ = 1) to its
+    # The chunk-kernel protocol (ChunkKernel): what a subclass provides
+    needs_row_stats: bool = False
+    #: ``chunk_terms`` accepts ``ce=(labels, ce_scale)`` and adds the student's cross-entropy (at τ = 1) to its
     #: value (``stats["ce_sum"]``) and gradient, reusing its own ``log p_S`` (the fused loss uses this).
-    _folds_ce: bool = False
+    folds_ce: bool = False
+    #: Statistics averaged over something other than the valid tokens (TAD's ``w_sum`` is per row).
+    stat_denominators: ClassVar[dict[str, str]] = {}
 
-    def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor, keep: bool = False) -> Any:
-        """First pass, one teacher chunk (``[N, V]`` fp32 / τ, read-only), no grad; only when ``_needs_prepare``.
+    def prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor, keep: bool = False) -> Any:
+        """First pass, one teacher chunk (``[N, V]`` fp32 / τ, read-only), no grad; only when ``needs_row_stats``.
 
-        ``keep=True`` promises that ``_chunk`` runs next on this same chunk, so the item may hold scratch
+        ``keep=True`` promises that ``chunk_terms`` runs next on this same chunk, so the item may hold scratch
         buffers (e.g. the teacher's probabilities) for it to reuse.
         """
         return None
 
-    def _finish_prepare(self, items: list[Any], valid_chunks: list[torch.Tensor], batch_size: int) -> list[Any]:
-        """Combines the first pass's items across chunks of a ``[B, S]`` grid (each chunk ``[B, S_c]``
-        positions, row-major), e.g. per-row means. Returns one item per chunk."""
-        return items
+    def finish_prepare(
+        self, items: list[Any], valid_chunks: list[torch.Tensor], batch_size: int
+    ) -> tuple[list[Any], dict[str, torch.Tensor]]:
+        """As :meth:`finish_prepare_rows` for chunks of a ``[B, S]`` grid (each chunk ``[B, S_c]`` positions,
+        row-major)."""
+        if not self.needs_row_stats or not items:
+            return items, {}
+        device = valid_chunks[0].device
+        # Row of each position by division, not repeat_interleave (whose output size is read back: a host sync).
+        row_ids = [torch.arange(v.numel(), device=device) // (v.numel() // batch_size) for v in valid_chunks]
+        return self.finish_prepare_rows(items, row_ids, valid_chunks, batch_size)
 
-    def _finish_prepare_rows(
+    def finish_prepare_rows(
         self, items: list[Any], row_ids: list[torch.Tensor], valid_chunks: list[torch.Tensor], num_rows: int
-    ) -> list[Any]:
-        """As :meth:`_finish_prepare` for chunks of arbitrary positions: ``row_ids[i]`` gives the row of each."""
-        return items
+    ) -> tuple[list[Any], dict[str, torch.Tensor]]:
+        """Combines the first pass's items across chunks, e.g. per-row means; ``row_ids[i]`` is the ``[N_i]``
+        row (sequence) of each position of chunk ``i``, so chunks may hold any positions of any rows.
 
-    def _chunk(
+        Returns:
+            tuple[list[Any], dict[str, torch.Tensor]]: one item per chunk, and 0-d sums of the first pass
+            (added to the call's statistics).
+        """
+        return items, {}
+
+    def chunk_terms(
         self,
         student: torch.Tensor,
         teacher: torch.Tensor,
@@ -149,7 +225,7 @@ class ChunkedDivergenceLoss(nn.Module):
             teacher (torch.Tensor): ``[N, V]`` fp32 teacher logits already divided by τ (vocabulary cut).
                 Read-only.
             valid (torch.Tensor): ``[N]`` bool, positions whose label is not ``ignore_index``.
-            prepared (Any): this chunk's item from ``_prepare``.
+            prepared (Any): this chunk's item from ``prepare_chunk``.
             need_grad (bool): whether to return the gradient.
             grad_scale (torch.Tensor | float): 0-d factor folded into the returned gradient (the base passes
                 ``1 / num_tokens`` so no extra pass over ``[N, V]`` is needed to normalise). Default: 1.0
@@ -160,12 +236,12 @@ class ChunkedDivergenceLoss(nn.Module):
         """
         raise NotImplementedError
 
-    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """A ``[N, V]`` fp32 scratch buffer with the shape of ``like`` (``[N, V]``), reused across the chunks of
-        one call; a fresh tensor outside :meth:`forward` (e.g. when another module drives ``_chunk``)."""
-        return self._buffer_of(name, like.size(0), like.size(1), like.device)
+        one call inside :meth:`workspace`; a fresh tensor outside it."""
+        return self.buffer_of(name, like.size(0), like.size(1), like.device)
 
-    def _buffer_of(
+    def buffer_of(
         self, name: str, rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """As :meth:`_buffer`, from the shape, device (and dtype: fp32 unless given)."""
@@ -179,8 +255,10 @@ class ChunkedDivergenceLoss(nn.Module):
             self._workspace[name] = buf
         return buf[:rows]
 
-    def _open_workspace(self, device: torch.device, rows: int) -> None:
-        """Starts a call's scratch workspace (kept from the previous call where :attr:`keep_workspace`)."""
+    @contextmanager
+    def workspace(self, device: torch.device, rows: int) -> Iterator[None]:
+        """Scratch buffers of up to ``rows`` rows are reused across the chunks of one call while this is open
+        (and kept for the next call where :attr:`keep_workspace`)."""
         keep = self.keep_workspace if self.keep_workspace is not None else device.type == "cpu"
         if keep:
             if self._kept_workspace is None:
@@ -190,16 +268,22 @@ class ChunkedDivergenceLoss(nn.Module):
             self._kept_workspace = None
             self._workspace = {}
         self._workspace_rows = rows
+        try:
+            yield
+        finally:
+            self._workspace = None
 
-    def _close_workspace(self) -> None:
-        self._workspace = None
+    @property
+    def workspace_open(self) -> bool:
+        """Whether :meth:`buffer_of` reuses buffers now (inside :meth:`workspace`)."""
+        return self._workspace is not None
 
     def release_workspace(self) -> None:
         """Frees scratch buffers kept between calls (see :attr:`keep_workspace`); the next call allocates anew."""
         self._kept_workspace = None
         self._workspace = None
 
-    def _owned(self, t: torch.Tensor) -> bool:
+    def owns(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is one of this call's scratch buffers (so a subclass may overwrite it)."""
         if self._workspace is None:
             return False
@@ -217,19 +301,20 @@ class ChunkedDivergenceLoss(nn.Module):
 
     def stats(self) -> dict[str, float]:
         """Means of the last call's statistics as floats (one host sync). Empty before the first call."""
-        s = self._last_stats
-        if not s:
+        return self.summarize(self._last_stats)
+
+    def summarize(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``{name}_mean`` of every ``{name}_sum`` over its denominator (:attr:`stat_denominators`, else
+        ``num_tokens``), and ``num_tokens`` (one host sync). Empty for empty ``stats``."""
+        if not stats:
             return {}
-        n = max(float(s["num_tokens"]), 1.0)
-        out: dict[str, float] = {"num_tokens": float(s["num_tokens"])}
-        for key, value in s.items():
-            if key in ("num_tokens", "num_rows"):
+        out: dict[str, float] = {"num_tokens": float(stats["num_tokens"])}
+        denominators = set(self.stat_denominators.values()) | {"num_tokens"}
+        for key, value in stats.items():
+            if key in denominators:
                 continue
-            name = key.removesuffix("_sum")
-            if key == "w_sum":
-                out["w_mean"] = float(value) / max(float(s["num_rows"]), 1.0)
-            else:
-                out[f"{name}_mean"] = float(value) / n
+            denominator = max(float(stats[self.stat_denominators.get(key, "num_tokens")]), 1.0)
+            out[f"{key.removesuffix('_sum')}_mean"] = float(value) / denominator
         return out
 
     # ----------------------------------------------------------------------------------------------
@@ -325,7 +410,7 @@ class ChunkedDivergenceLoss(nn.Module):
             student_logits, teacher_logits, labels
         )
         vocab = student_chunks[0].size(-1)
-        self._check_vocab(vocab)
+        self.check_vocab(vocab)
         batch_size = student_chunks[0].size(0)
         need_grad = torch.is_grad_enabled() and any(c.requires_grad for c in student_chunks)
         inv_tau = 1.0 / self.temperature
@@ -336,68 +421,63 @@ class ChunkedDivergenceLoss(nn.Module):
             # are never modified.
             if chunk.dtype == torch.float32 and inv_tau == 1.0 and chunk.size(-1) == vocab and chunk.is_contiguous():
                 return chunk.view(-1, vocab)
-            buf = self._buffer_of(name, chunk.size(0) * chunk.size(1), vocab, chunk.device)
+            buf = self.buffer_of(name, chunk.size(0) * chunk.size(1), vocab, chunk.device)
             buf.view(chunk.size(0), chunk.size(1), vocab).copy_(chunk[..., :vocab])
             return buf.mul_(inv_tau) if inv_tau != 1.0 else buf
 
-        self._open_workspace(student_chunks[0].device, max(c.size(0) * c.size(1) for c in student_chunks))
-        try:
-            with torch.no_grad():
-                self._prepared_stats: dict[str, torch.Tensor] = {}
-                valid_chunks = [(lab != self.ignore_index).reshape(-1) for lab in label_chunks]
-                if self._needs_prepare:
-                    items = [
-                        self._prepare_chunk(scaled(t, "teacher"), v)
-                        for t, v in zip(teacher_chunks, valid_chunks, strict=True)
-                    ]
-                else:
-                    items = [None] * len(teacher_chunks)
-                prepared = self._finish_prepare(items, valid_chunks, batch_size)
-                num_valid = sum(v.sum() for v in valid_chunks).to(torch.float32)
-                device = student_chunks[0].device
-                scale = 1.0 / num_valid.clamp_min(1.0) if normalize else torch.ones((), device=device)
-                total = torch.zeros((), dtype=torch.float32, device=device)
-                stats: dict[str, torch.Tensor] = {}
-                grads: list[torch.Tensor] = []
-                full_grad = (
-                    torch.empty(full_student.shape, dtype=full_student.dtype, device=device)
-                    if (need_grad and full_student is not None)
-                    else None
+        rows = max(c.size(0) * c.size(1) for c in student_chunks)
+        with self.workspace(student_chunks[0].device, rows), torch.no_grad():
+            valid_chunks = [(lab != self.ignore_index).reshape(-1) for lab in label_chunks]
+            if self.needs_row_stats:
+                items = [
+                    self.prepare_chunk(scaled(t, "teacher"), v)
+                    for t, v in zip(teacher_chunks, valid_chunks, strict=True)
+                ]
+                prepared, prepared_stats = self.finish_prepare(items, valid_chunks, batch_size)
+            else:
+                prepared, prepared_stats = [None] * len(teacher_chunks), {}
+            num_valid = sum(v.sum() for v in valid_chunks).to(torch.float32)
+            device = student_chunks[0].device
+            scale = 1.0 / num_valid.clamp_min(1.0) if normalize else torch.ones((), device=device)
+            total = torch.zeros((), dtype=torch.float32, device=device)
+            stats: dict[str, torch.Tensor] = {}
+            grads: list[torch.Tensor] = []
+            full_grad = (
+                torch.empty(full_student.shape, dtype=full_student.dtype, device=device)
+                if (need_grad and full_student is not None)
+                else None
+            )
+            start = 0
+            chunks = zip(student_chunks, teacher_chunks, valid_chunks, prepared, strict=True)
+            for s_chunk, t_chunk, valid, prep in chunks:
+                res = self.chunk_terms(
+                    scaled(s_chunk, "student"), scaled(t_chunk, "teacher"), valid, prep, need_grad, scale
                 )
-                start = 0
-                chunks = zip(student_chunks, teacher_chunks, valid_chunks, prepared, strict=True)
-                for s_chunk, t_chunk, valid, prep in chunks:
-                    res = self._chunk(
-                        scaled(s_chunk, "student"), scaled(t_chunk, "teacher"), valid, prep, need_grad, scale
-                    )
-                    total = total + res.per_token.sum()
-                    for key, value in res.stats.items():
-                        stats[key] = stats[key] + value if key in stats else value
-                    if need_grad:
-                        # The normalisation is already folded in; one cast-copy into the output buffer.
-                        grad = res.grad.view(s_chunk.shape)
-                        if full_grad is not None:
-                            full_grad[:, start : start + s_chunk.size(1)].copy_(grad)
-                        else:
-                            out = torch.empty(s_chunk.shape, dtype=s_chunk.dtype, device=device)
-                            grads.append(out.copy_(grad))
-                    start += s_chunk.size(1)
-                    del res
-                stats.update(self._prepared_stats)
-                stats["num_tokens"] = num_valid
-                stats["divergence_sum"] = total
-                self._last_stats = stats
-                loss = total * scale
-        finally:
-            self._close_workspace()
+                total = total + res.per_token.sum()
+                add_sums(stats, res.stats)
+                if need_grad:
+                    # The normalisation is already folded in; one cast-copy into the output buffer.
+                    grad = res.grad.view(s_chunk.shape)
+                    if full_grad is not None:
+                        full_grad[:, start : start + s_chunk.size(1)].copy_(grad)
+                    else:
+                        out = torch.empty(s_chunk.shape, dtype=s_chunk.dtype, device=device)
+                        grads.append(out.copy_(grad))
+                start += s_chunk.size(1)
+                del res
+            stats.update(prepared_stats)
+            stats["num_tokens"] = num_valid
+            stats["divergence_sum"] = total
+            self._last_stats = stats
+            loss = total * scale
 
         if not need_grad:
             return loss
         if full_grad is not None:
-            return _GradientInForward.apply(loss, [full_grad], full_student)
-        return _GradientInForward.apply(loss, grads, *student_chunks)
+            return gradient_in_forward(loss, [full_grad], full_student)
+        return gradient_in_forward(loss, grads, *student_chunks)
 
-    def _check_vocab(self, vocab: int) -> None:
+    def check_vocab(self, vocab: int) -> None:
         """Hook for hyperparameters that depend on the vocabulary size (TAD's ``top_k < V``)."""
 
     def extra_repr(self) -> str:
@@ -405,6 +485,18 @@ class ChunkedDivergenceLoss(nn.Module):
             f"temperature={self.temperature}, num_output_chunks={self.num_output_chunks}, "
             f"ignore_index={self.ignore_index}"
         )
+
+
+def add_sums(into: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> None:
+    """``into[k] += more[k]`` for every statistic (0-d tensors), starting missing ones at ``more[k]``."""
+    for key, value in more.items():
+        into[key] = into[key] + value if key in into else value
+
+
+def gradient_in_forward(loss: torch.Tensor, grads: list[torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """``loss`` (detached, 0-d) made differentiable with respect to ``inputs``, whose gradients ``grads`` (same
+    shapes and dtypes) were computed in the forward; backward scales them in place by the incoming gradient."""
+    return _GradientInForward.apply(loss, grads, *inputs)
 
 
 def masked_sum(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -417,13 +509,13 @@ def plogq_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> tor
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
 
 
-def _fold_ce_value(log_ps: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def fold_ce_value(log_ps: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over valid rows, ``Σ −log p_S[label]`` (0-d), from ``[N, V]`` log-probabilities."""
     target = torch.where(valid, labels, 0)[:, None]
     return masked_sum(-log_ps.gather(-1, target).squeeze(-1), valid)
 
 
-def _fold_ce_onehot(grad: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, ce_row: torch.Tensor) -> None:
+def fold_ce_onehot(grad: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, ce_row: torch.Tensor) -> None:
     """The ``−ce_row·onehot(label)`` part of the CE gradient, in place (``ce_row`` is 0 on ignored rows)."""
     # One entry per row: gather, subtract, scatter back (a scatter_add_ would use atomics on CUDA, whose
     # order is not deterministic, for no benefit here).

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tad_torchtune.losses.base import (
     ChunkedDivergenceLoss,
     ChunkResult,
-    _fold_ce_onehot,
-    _fold_ce_value,
+    fold_ce_onehot,
+    fold_ce_value,
     plogq_diff,
     sum_nan_as_zero,
 )
@@ -66,15 +66,15 @@ class ForwardKLLoss(ChunkedDivergenceLoss):
         ignore_index (int): label of ignored positions. Default: -100
     """
 
-    _folds_ce = True
+    folds_ce = True
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0, ce=None):
+    def chunk_terms(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0, ce=None):
         # Three reused [N, V] buffers, in place: a = log p_S -> gradient; b = log p_T -> KL terms; c = p_T.
-        log_ps = torch._log_softmax(student, -1, False, out=self._buffer("a", student))
-        ce_sum = _fold_ce_value(log_ps, valid, ce[0]) if ce is not None else None
-        b = student if self._owned(student) else self._buffer("b", student)
+        log_ps = torch._log_softmax(student, -1, False, out=self.buffer("a", student))
+        ce_sum = fold_ce_value(log_ps, valid, ce[0]) if ce is not None else None
+        b = student if self.owns(student) else self.buffer("b", student)
         log_pt = torch._log_softmax(teacher, -1, False, out=b)
-        c = teacher if self._owned(teacher) else self._buffer("c", teacher)
+        c = teacher if self.owns(teacher) else self.buffer("c", teacher)
         pt = torch.exp(log_pt, out=c)
         kl_terms = log_pt.sub_(log_ps).mul_(pt)
         per_token = sum_nan_as_zero(kl_terms)
@@ -88,7 +88,7 @@ class ForwardKLLoss(ChunkedDivergenceLoss):
             row = torch.where(valid, self.temperature * grad_scale, 0.0)
             ce_row = torch.where(valid, ce[1], 0.0)
             grad = log_ps.exp_().mul_((row + ce_row)[:, None]).addcmul_(pt, row[:, None], value=-1.0)
-            _fold_ce_onehot(grad, valid, ce[0], ce_row)
+            fold_ce_onehot(grad, valid, ce[0], ce_row)
             result.grad = grad
         return result
 
@@ -101,7 +101,7 @@ class ReverseKLLoss(ChunkedDivergenceLoss):
     Args: as :class:`ForwardKLLoss`.
     """
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
+    def chunk_terms(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
         log_ps = F.log_softmax(student, dim=-1)
         log_pt = F.log_softmax(teacher, dim=-1)
         ps = log_ps.exp()
@@ -132,7 +132,7 @@ class SymmetricKLLoss(ChunkedDivergenceLoss):
             raise ValueError(f"sym_kd_ratio must be in [0, 1], got sym_kd_ratio={sym_kd_ratio!r}")
         self.sym_kd_ratio = float(sym_kd_ratio)
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
+    def chunk_terms(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
         r = self.sym_kd_ratio
         log_ps = F.log_softmax(student, dim=-1)
         log_pt = F.log_softmax(teacher, dim=-1)
@@ -175,7 +175,7 @@ class JSDLoss(ChunkedDivergenceLoss):
         rev = plogq_diff(log_ps.exp(), log_ps, log_m).sum(-1)
         return b * fwd + (1.0 - b) * rev
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
+    def chunk_terms(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
         per_token, grad = _autograd_chunk(self._divergence, student, teacher, valid, need_grad)
         return _finish(self, per_token, grad, valid, grad_scale)
 
@@ -198,6 +198,6 @@ class ToDiLoss(ChunkedDivergenceLoss):
         reverse = plogq_diff(log_ps.exp(), log_ps, log_pt)
         return (weight * forward + (1.0 - weight) * reverse).sum(-1)
 
-    def _chunk(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
+    def chunk_terms(self, student, teacher, valid, prepared, need_grad, grad_scale=1.0):
         per_token, grad = _autograd_chunk(self._divergence, student, teacher, valid, need_grad)
         return _finish(self, per_token, grad, valid, grad_scale)

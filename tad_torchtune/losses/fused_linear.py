@@ -4,7 +4,7 @@ The recipe hands the loss the student's and the teacher's last hidden states (af
 their output weights. The loss gathers the *valid* positions (label ``!= ignore_index``: an SFT prompt or
 padding costs nothing), walks slices of at most ``chunk_size`` of them, projects each slice to logits,
 evaluates the divergence on it with the *same* per-chunk code as the materialised path
-(:class:`~tad_torchtune.losses.TADLoss` and the baselines' ``_chunk``), turns the closed-form logit gradient
+(:class:`~tad_torchtune.losses.TADLoss` and the baselines' ``chunk_terms``), turns the closed-form logit gradient
 (paper Eq. 6 for TAD) into gradients for the hidden states and the output weight, and moves on, reusing the
 slice's buffers. Live memory is one slice of logits for each model plus ``[V, D]`` for the weight gradient,
 instead of two ``[B, S, V]`` logit tensors and their gradient.
@@ -41,15 +41,17 @@ This module imports only ``torch`` and our own losses.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tad_torchtune.losses.base import ChunkedDivergenceLoss, _GradientInForward, masked_sum
+from tad_torchtune.losses.base import ChunkKernel, add_sums, fold_ce_onehot, fold_ce_value, gradient_in_forward
 from tad_torchtune.losses.baselines import ForwardKLLoss
 from tad_torchtune.losses.tad import TADLoss
 
@@ -69,20 +71,21 @@ def _mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class FusedLinearDistillationLoss(nn.Module):
-    """Any :class:`ChunkedDivergenceLoss` (and optionally CE), computed from hidden states chunk by chunk.
+    """Any chunk kernel (:class:`~tad_torchtune.losses.base.ChunkKernel`: ``TADLoss``, ``ForwardKLLoss``...) and
+    optionally CE, computed from hidden states slice by slice.
 
     Args:
-        divergence (ChunkedDivergenceLoss): the divergence whose per-chunk math is used (``TADLoss``,
-            ``ForwardKLLoss``...). Its temperature and ``ignore_index`` apply.
+        divergence (ChunkKernel): the divergence whose per-chunk math is used. Its temperature and
+            ``ignore_index`` apply.
         chunk_size (int): about how many tokens one slice holds (``S_c = max(1, chunk_size // B)``
             positions of every row). Peak extra memory is about ``3 · chunk_size · V · 4`` bytes.
             Default: 1024
         compile_chunk (bool): ``torch.compile`` the per-slice computation (projection, divergence, CE,
             logit gradient) but not the loop, with ``dynamic=True`` so the last, shorter slice reuses
             the graph. Default: False
-        compile_backend (str): the ``torch.compile`` backend. Default: ``"inductor"``
         accumulate_fp32 (bool): accumulate the output-weight gradient in fp32 across slices (returned
             in the weight's dtype). Default: True
+        compile_backend (str): the ``torch.compile`` backend. Default: ``"inductor"``
         skip_ignored (bool | None): project only the positions whose label is not ``ignore_index`` (SFT
             prompts and padding cost nothing) at the price of one host sync per call to count them;
             ``False`` projects every position in a fixed layout and masks the ignored ones (no host sync).
@@ -93,12 +96,12 @@ class FusedLinearDistillationLoss(nn.Module):
     :meth:`forward`. ``.last_stats`` / ``.stats()`` as on the divergence, plus ``ce_sum``/``ce_mean``.
 
     Raises:
-        ValueError: ``chunk_size < 1``, or a divergence that is not a ``ChunkedDivergenceLoss``.
+        ValueError: ``chunk_size < 1``, or a divergence that is not a chunk kernel.
     """
 
     def __init__(
         self,
-        divergence: ChunkedDivergenceLoss,
+        divergence: ChunkKernel,
         chunk_size: int = 1024,
         compile_chunk: bool = False,
         accumulate_fp32: bool = True,
@@ -106,10 +109,10 @@ class FusedLinearDistillationLoss(nn.Module):
         skip_ignored: bool | None = None,
     ):
         super().__init__()
-        if not isinstance(divergence, ChunkedDivergenceLoss):
+        if not isinstance(divergence, ChunkKernel):
             raise ValueError(
-                f"divergence must be a tad_torchtune ChunkedDivergenceLoss (TADLoss, ForwardKLLoss...), "
-                f"got {type(divergence).__name__}"
+                "divergence must be a tad_torchtune chunk kernel (a ChunkedDivergenceLoss: TADLoss, "
+                f"ForwardKLLoss...), got {type(divergence).__name__}"
             )
         if int(chunk_size) != chunk_size or chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got chunk_size={chunk_size!r}")
@@ -138,8 +141,7 @@ class FusedLinearDistillationLoss(nn.Module):
 
     def stats(self) -> dict[str, float]:
         """Means of the last call as floats (one host sync), the divergence's ``stats()`` keys."""
-        self.divergence._last_stats = self._last_stats
-        return self.divergence.stats()
+        return self.divergence.summarize(self._last_stats)
 
     def forward(
         self,
@@ -177,158 +179,232 @@ class FusedLinearDistillationLoss(nn.Module):
         Raises:
             ValueError: inconsistent shapes, ``V_T < V``, or a hyperparameter invalid for ``V``.
         """
+        _check_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
         div = self.divergence
-        if student_hidden.dim() != 3 or teacher_hidden.dim() != 3 or labels.dim() != 2:
-            raise ValueError(
-                "expected student_hidden [B, S, D_s], teacher_hidden [B, S, D_t] and labels [B, S], got "
-                f"{tuple(student_hidden.shape)}, {tuple(teacher_hidden.shape)}, {tuple(labels.shape)}"
-            )
-        if student_hidden.shape[:2] != labels.shape or teacher_hidden.shape[:2] != labels.shape:
-            raise ValueError(
-                f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} and labels "
-                f"{tuple(labels.shape)} must share [B, S]"
-            )
-        if student_weight.dim() != 2 or student_weight.size(1) != student_hidden.size(2):
-            raise ValueError(
-                f"student_weight must be [V, D_s={student_hidden.size(2)}], got {tuple(student_weight.shape)}"
-            )
-        if teacher_weight.dim() != 2 or teacher_weight.size(1) != teacher_hidden.size(2):
-            raise ValueError(
-                f"teacher_weight must be [V_T, D_t={teacher_hidden.size(2)}], got {tuple(teacher_weight.shape)}"
-            )
         vocab = student_weight.size(0)
-        if teacher_weight.size(0) < vocab:
-            raise ValueError(
-                f"teacher vocabulary ({teacher_weight.size(0)}) is smaller than the student's ({vocab}); the "
-                "teacher's may only extend the student's (its extra rows are cut). Use models with a shared vocabulary."
-            )
-        div._check_vocab(vocab)
-        batch, seq = labels.shape
-        inv_tau = 1.0 / div.temperature
-        # Cut the teacher's extra vocabulary rows before the matmul: same logits, fewer FLOPs.
-        t_weight = teacher_weight[:vocab].detach()
-        t_bias = teacher_bias[:vocab].detach() if teacher_bias is not None else None
-
-        inputs = [("hidden", student_hidden), ("weight", student_weight), ("bias", student_bias)]
+        div.check_vocab(vocab)
+        inputs = {"hidden": student_hidden, "weight": student_weight, "bias": student_bias}
         grad_enabled = torch.is_grad_enabled()
-        wanted = {name: t is not None and grad_enabled and t.requires_grad for name, t in inputs}
-        need_grad = any(wanted.values())
-        flat_labels = labels.reshape(-1)
-        valid_flat = flat_labels != div.ignore_index
+        wanted = {name: t is not None and grad_enabled and t.requires_grad for name, t in inputs.items()}
         skip_ignored = self.skip_ignored if self.skip_ignored is not None else labels.device.type == "cpu"
-        if skip_ignored:
-            # Only valid positions are projected (an SFT batch's prompt and padding cost nothing): the slices
-            # depend on the counts, one host sync.
-            counts = valid_flat.view(batch, seq).sum(1).tolist()
-            num_positions = sum(counts)
-            positions = None if num_positions == batch * seq else valid_flat.nonzero().squeeze(1)
-            row_of = torch.repeat_interleave(
-                torch.arange(batch, device=labels.device), torch.tensor(counts, device=labels.device)
-            )
-            num_valid = torch.tensor(float(num_positions), dtype=torch.float32, device=labels.device)
-        else:
-            # Every position is projected and ignored ones are masked: slices of a fixed layout, no host sync.
-            counts, positions = [seq] * batch, None
-            row_of = torch.arange(batch * seq, device=labels.device) // seq  # (repeat_interleave would sync)
-            num_valid = valid_flat.sum().to(torch.float32)
-        # Slices of whole rows hold every position of their sequences, so TAD's w(X) comes from the slice
-        # itself: one teacher projection per slice instead of two (see the module docstring).
-        bounds, whole_rows = _slices(counts, self.chunk_size)
-        single_pass = div._needs_prepare and whole_rows
-        picks = [slice(a, b) if positions is None else positions[a:b] for a, b in bounds]
-        row_ids = [row_of[a:b] for a, b in bounds]
-        label_chunks = [flat_labels[pick] for pick in picks]
-        valid_chunks = [lab != div.ignore_index for lab in label_chunks]
-        s_hidden_flat = student_hidden.detach().reshape(-1, student_hidden.size(2))
-        t_hidden_flat = teacher_hidden.detach().reshape(-1, teacher_hidden.size(2))
-
-        def teacher_logits(pick: slice | torch.Tensor) -> torch.Tensor:
-            logits = _project(div, "teacher_logits", t_hidden_flat[pick], t_weight, t_bias)
-            return logits.mul_(inv_tau) if inv_tau != 1.0 else logits
-
+        plan = _plan_slices(labels, div.ignore_index, self.chunk_size, skip_ignored, div.needs_row_stats)
         with torch.no_grad():
-            scale = 1.0 / num_valid.clamp_min(1.0) if normalize else torch.ones((), device=labels.device)
-            kd_scale = scale * kd_weight
-            ce_scale = scale * ce_weight
-            # Ignored positions get a zero gradient; [B*S, D] view for the slices' rows.
-            grad_h = torch.zeros_like(student_hidden) if wanted["hidden"] else None
-            grad_h_flat = grad_h.view(-1, grad_h.size(2)) if grad_h is not None else None
-            acc_dtype = torch.float32 if self.accumulate_fp32 else student_weight.dtype
-            grad_w = torch.zeros(student_weight.shape, dtype=acc_dtype, device=student_weight.device)
-            grad_w = grad_w if wanted["weight"] else None
-            grad_b = torch.zeros(vocab, dtype=acc_dtype, device=student_weight.device) if wanted["bias"] else None
-            total_kd = torch.zeros((), dtype=torch.float32, device=labels.device)
-            total_ce = torch.zeros((), dtype=torch.float32, device=labels.device)
-            stats: dict[str, torch.Tensor] = {}
-            prepared_stats: dict[str, torch.Tensor] = {}
+            scale = 1.0 / plan.num_valid.clamp_min(1.0) if normalize else torch.ones((), device=labels.device)
+            grads = _GradientSums(student_hidden, student_weight, wanted, self.accumulate_fp32)
+            teacher = _TeacherProjection(div, teacher_hidden, teacher_weight, teacher_bias, vocab)
+            student = (student_hidden.detach().reshape(-1, student_hidden.size(2)), student_weight.detach())
             s_bias = student_bias.detach() if student_bias is not None else None
-            s_weight = student_weight.detach()
-            # Let the divergence reuse its [N, V] scratch buffers across slices (and calls, on CPU), as in its
-            # own forward; not under compile, where a growing dict of buffers would only cause recompiles.
-            div._workspace = None
-            if not self.compile_chunk:
-                div._open_workspace(student_hidden.device, max((lab.numel() for lab in label_chunks), default=1))
-            try:
-                # Pass 1 (TAD, when a row is cut across slices): teacher top-K ids and α_T of every position,
-                # then w(X) per row, before any slice's tail term can be weighted.
-                div._prepared_stats = {}
-                if div._needs_prepare and not single_pass:
-                    items = [div._prepare_chunk(teacher_logits(p), v) for p, v in zip(picks, valid_chunks, strict=True)]
-                    prepared = div._finish_prepare_rows(items, row_ids, valid_chunks, batch)
-                    prepared_stats = dict(div._prepared_stats)
-                else:
-                    prepared = [None] * len(picks)
-                chunks = zip(picks, row_ids, label_chunks, valid_chunks, prepared, strict=True)
-                for pick, rows, lab, valid, prep in chunks:
-                    hs = s_hidden_flat[pick]
-                    teacher = teacher_logits(pick)
-                    if single_pass:
-                        # The slice's rows are complete: w(X) from this slice's own teacher pass, whose log p_T
-                        # and p_T the divergence pass then reuses.
-                        item = div._prepare_chunk(teacher, valid, keep=True)
-                        (prep,) = div._finish_prepare_rows([item], [rows], [valid], batch)
-                        for key, value in div._prepared_stats.items():
-                            prepared_stats[key] = prepared_stats[key] + value if key in prepared_stats else value
-                    per_token, ce, grad_logits, chunk_stats = self._step(
-                        div, hs, s_weight, s_bias, teacher, lab, valid, prep,
-                        need_grad, inv_tau, kd_scale, ce_scale, ce_weight != 0.0,
-                    )  # fmt: skip
-                    total_kd = total_kd + per_token.sum()
-                    total_ce = total_ce + ce
-                    for key, value in chunk_stats.items():
-                        stats[key] = stats[key] + value if key in stats else value
-                    if need_grad:
-                        g = grad_logits.to(student_weight.dtype)
-                        if grad_h_flat is not None:
-                            grad_h_flat[pick] = g @ s_weight
-                        if grad_w is not None:
-                            _mm_accumulate(grad_w, g.t(), hs)
-                        if grad_b is not None:
-                            grad_b.add_(g.sum(0))
-                    del grad_logits, per_token, teacher
-            finally:
-                div._close_workspace()
-            stats.update(prepared_stats)
-            stats["num_tokens"] = num_valid
+            # The divergence reuses its [N, V] scratch buffers across slices (and calls, on CPU), as in its own
+            # forward; not under compile, where a growing dict of buffers would only cause recompiles.
+            rows = max((lab.numel() for lab in plan.labels), default=1)
+            workspace = nullcontext() if self.compile_chunk else div.workspace(labels.device, rows)
+            with workspace:
+                total_kd, total_ce, stats = self._pass_loop(
+                    plan, student, s_bias, teacher, grads, scale * kd_weight, scale * ce_weight, ce_weight != 0.0
+                )
+            stats["num_tokens"] = plan.num_valid
             stats["divergence_sum"] = total_kd
             if ce_weight != 0.0:
                 stats["ce_sum"] = total_ce
             self._last_stats = stats
             loss = (kd_weight * total_kd + ce_weight * total_ce) * scale
-
-        if not need_grad:
+        if not any(wanted.values()):
             return loss
-        grads = {"hidden": grad_h, "weight": grad_w, "bias": grad_b}
-        names = [name for name, _ in inputs if wanted[name]]
-        out_grads = [grads[n] if n == "hidden" else grads[n].to(dict(inputs)[n].dtype) for n in names]
-        return _GradientInForward.apply(loss, out_grads, *[dict(inputs)[n] for n in names])
+        names = [name for name in inputs if wanted[name]]
+        return gradient_in_forward(loss, grads.result(names, inputs), *[inputs[n] for n in names])
+
+    def _pass_loop(
+        self,
+        plan: _SlicePlan,
+        student: tuple[torch.Tensor, torch.Tensor],
+        student_bias: torch.Tensor | None,
+        teacher: _TeacherProjection,
+        grads: _GradientSums,
+        kd_scale: torch.Tensor,
+        ce_scale: torch.Tensor,
+        with_ce: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The slices, in order: the kernel's terms and logit gradient on each, folded into ``grads``.
+
+        Returns the divergence sum, the CE sum and the statistics' sums (0-d tensors).
+        """
+        div = self.divergence
+        hidden_flat, weight = student
+        device = hidden_flat.device
+        total_kd = torch.zeros((), dtype=torch.float32, device=device)
+        total_ce = torch.zeros((), dtype=torch.float32, device=device)
+        stats: dict[str, torch.Tensor] = {}
+        inv_tau = 1.0 / div.temperature
+        if plan.single_pass or not div.needs_row_stats:
+            prepared: list[Any] = [None] * len(plan.picks)
+        else:
+            # Pass 1 (TAD, rows cut across slices): teacher top-K ids and α_T of every position, then w(X) per
+            # row, before any slice's tail term can be weighted.
+            items = [div.prepare_chunk(teacher.logits(p), v) for p, v in zip(plan.picks, plan.valid, strict=True)]
+            prepared, first_pass_stats = div.finish_prepare_rows(items, plan.row_ids, plan.valid, plan.num_rows)
+            add_sums(stats, first_pass_stats)
+        slices = zip(plan.picks, plan.row_ids, plan.labels, plan.valid, prepared, strict=True)
+        for pick, rows, lab, valid, prep in slices:
+            hs = hidden_flat[pick]
+            teacher_logits = teacher.logits(pick)
+            if plan.single_pass:
+                # The slice's rows are complete: w(X) from this slice's own teacher pass, whose log p_T and p_T
+                # the divergence pass then reuses.
+                item = div.prepare_chunk(teacher_logits, valid, keep=True)
+                (prep,), first_pass_stats = div.finish_prepare_rows([item], [rows], [valid], plan.num_rows)
+                add_sums(stats, first_pass_stats)
+            per_token, ce, grad_logits, chunk_stats = self._step(
+                div, hs, weight, student_bias, teacher_logits, lab, valid, prep,
+                grads.needed, inv_tau, kd_scale, ce_scale, with_ce,
+            )  # fmt: skip
+            total_kd = total_kd + per_token.sum()
+            total_ce = total_ce + ce
+            add_sums(stats, chunk_stats)
+            if grads.needed:
+                grads.add(pick, hs, grad_logits.to(weight.dtype), weight)
+            del grad_logits, per_token, teacher_logits
+        return total_kd, total_ce, stats
 
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, compile_chunk={self.compile_chunk}, skip_ignored={self.skip_ignored}"
 
 
+def _check_shapes(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+) -> None:
+    """Raises ValueError naming the shapes when the fused loss's inputs do not fit together."""
+    if student_hidden.dim() != 3 or teacher_hidden.dim() != 3 or labels.dim() != 2:
+        raise ValueError(
+            "expected student_hidden [B, S, D_s], teacher_hidden [B, S, D_t] and labels [B, S], got "
+            f"{tuple(student_hidden.shape)}, {tuple(teacher_hidden.shape)}, {tuple(labels.shape)}"
+        )
+    if student_hidden.shape[:2] != labels.shape or teacher_hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} and labels "
+            f"{tuple(labels.shape)} must share [B, S]"
+        )
+    if student_weight.dim() != 2 or student_weight.size(1) != student_hidden.size(2):
+        raise ValueError(f"student_weight must be [V, D_s={student_hidden.size(2)}], got {tuple(student_weight.shape)}")
+    if teacher_weight.dim() != 2 or teacher_weight.size(1) != teacher_hidden.size(2):
+        raise ValueError(
+            f"teacher_weight must be [V_T, D_t={teacher_hidden.size(2)}], got {tuple(teacher_weight.shape)}"
+        )
+    if teacher_weight.size(0) < student_weight.size(0):
+        raise ValueError(
+            f"teacher vocabulary ({teacher_weight.size(0)}) is smaller than the student's ({student_weight.size(0)}); "
+            "the teacher's may only extend the student's (its extra rows are cut). Use models with a shared vocabulary."
+        )
+
+
+@dataclass
+class _SlicePlan:
+    """Which flattened positions each slice holds, and what the loss needs to know about them."""
+
+    picks: list[slice | torch.Tensor]  # per slice: positions of the [B*S] grid
+    row_ids: list[torch.Tensor]  # per slice: [N] row (sequence) of each position
+    labels: list[torch.Tensor]  # per slice: [N] labels
+    valid: list[torch.Tensor]  # per slice: [N] label != ignore_index
+    num_valid: torch.Tensor  # 0-d fp32
+    num_rows: int
+    single_pass: bool  # every slice holds whole rows and the kernel needs row statistics
+
+
+def _plan_slices(
+    labels: torch.Tensor, ignore_index: int, chunk_size: int, skip_ignored: bool, needs_row_stats: bool
+) -> _SlicePlan:
+    """Slices of at most ``chunk_size`` positions of the ``[B, S]`` labels (only the valid ones when
+    ``skip_ignored``), whole rows per slice where every row fits (TAD's one-pass schedule)."""
+    batch, seq = labels.shape
+    flat_labels = labels.reshape(-1)
+    valid_flat = flat_labels != ignore_index
+    if skip_ignored:
+        # Only valid positions are projected (an SFT batch's prompt and padding cost nothing): the slices
+        # depend on the counts, one host sync.
+        counts = valid_flat.view(batch, seq).sum(1).tolist()
+        num_positions = sum(counts)
+        positions = None if num_positions == batch * seq else valid_flat.nonzero().squeeze(1)
+        row_of = torch.repeat_interleave(
+            torch.arange(batch, device=labels.device), torch.tensor(counts, device=labels.device)
+        )
+        num_valid = torch.tensor(float(num_positions), dtype=torch.float32, device=labels.device)
+    else:
+        # Every position is projected and ignored ones are masked: slices of a fixed layout, no host sync.
+        counts, positions = [seq] * batch, None
+        row_of = torch.arange(batch * seq, device=labels.device) // seq  # (repeat_interleave would sync)
+        num_valid = valid_flat.sum().to(torch.float32)
+    bounds, whole_rows = _slices(counts, chunk_size)
+    picks = [slice(a, b) if positions is None else positions[a:b] for a, b in bounds]
+    slice_labels = [flat_labels[pick] for pick in picks]
+    return _SlicePlan(
+        picks=picks,
+        row_ids=[row_of[a:b] for a, b in bounds],
+        labels=slice_labels,
+        valid=[lab != ignore_index for lab in slice_labels],
+        num_valid=num_valid,
+        num_rows=batch,
+        single_pass=needs_row_stats and whole_rows,
+    )
+
+
+class _TeacherProjection:
+    """The teacher's logits of any slice, ``[N, V]`` fp32 / τ, projected on demand into scratch buffers."""
+
+    def __init__(
+        self,
+        div: ChunkKernel,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        vocab: int,
+    ):
+        self._div = div
+        self._hidden = hidden.detach().reshape(-1, hidden.size(2))
+        # Cut the teacher's extra vocabulary rows before the matmul: same logits, fewer FLOPs.
+        self._weight = weight[:vocab].detach()
+        self._bias = bias[:vocab].detach() if bias is not None else None
+        self._inv_tau = 1.0 / div.temperature
+
+    def logits(self, pick: slice | torch.Tensor) -> torch.Tensor:
+        logits = _project(self._div, "teacher_logits", self._hidden[pick], self._weight, self._bias)
+        return logits.mul_(self._inv_tau) if self._inv_tau != 1.0 else logits
+
+
+class _GradientSums:
+    """Gradient assembly: per slice ``∂L/∂H = G W`` (written in place), ``∂L/∂W += Gᵀ H``, ``∂L/∂b += Σ_n G_n``."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, wanted: dict[str, bool], accumulate_fp32: bool):
+        self.needed = any(wanted.values())
+        acc_dtype = torch.float32 if accumulate_fp32 else weight.dtype
+        # Ignored positions keep a zero gradient.
+        self.hidden = torch.zeros_like(hidden) if wanted["hidden"] else None
+        self._hidden_flat = self.hidden.view(-1, hidden.size(2)) if self.hidden is not None else None
+        self.weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if wanted["weight"] else None
+        self.bias = torch.zeros(weight.size(0), dtype=acc_dtype, device=weight.device) if wanted["bias"] else None
+
+    def add(self, pick: slice | torch.Tensor, hs: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> None:
+        """One slice's logit gradient ``g`` (``[N, V]``, model dtype) with its hidden states ``hs``."""
+        if self._hidden_flat is not None:
+            self._hidden_flat[pick] = g @ weight
+        if self.weight is not None:
+            _mm_accumulate(self.weight, g.t(), hs)
+        if self.bias is not None:
+            self.bias.add_(g.sum(0))
+
+    def result(self, names: list[str], inputs: dict[str, torch.Tensor | None]) -> list[torch.Tensor]:
+        """The wanted gradients in ``names`` order, each in its input's dtype."""
+        out = []
+        for name in names:
+            grad = getattr(self, name)
+            out.append(grad if name == "hidden" else grad.to(inputs[name].dtype))
+        return out
+
+
 def _chunk_step(
-    div: ChunkedDivergenceLoss,
+    div: ChunkKernel,
     hs: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -342,36 +418,36 @@ def _chunk_step(
     ce_scale: torch.Tensor,
     with_ce: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """One slice: project, divergence (the divergence's own ``_chunk``), optional CE, combined logit gradient.
+    """One slice: project, divergence (the divergence's own ``chunk_terms``), optional CE, combined logit gradient.
 
     Returns the per-token divergence ``[N]``, the CE sum (0-d), the gradient ``[N, V]`` fp32 of the *scaled*
     total loss with respect to the student logits (or None) and the divergence's chunk statistics.
     """
     # Model dtype, exactly what the model's output layer would give; into a reused buffer outside compile.
-    logits = F.linear(hs, weight, bias) if div._workspace is None else _project(div, "student_logits", hs, weight, bias)
+    logits = _project(div, "student_logits", hs, weight, bias) if div.workspace_open else F.linear(hs, weight, bias)
     student = logits.to(torch.float32)
     ce = torch.zeros((), dtype=torch.float32, device=hs.device)
     ce_grad = None
-    if with_ce and inv_tau == 1.0 and div._folds_ce:
+    if with_ce and inv_tau == 1.0 and div.folds_ce:
         # The divergence adds CE to its own value and gradient from its log p_S (CE is at τ = 1): no extra
         # passes over [N, V].
-        res = div._chunk(student, teacher, valid, prepared, need_grad, kd_scale, ce=(labels, ce_scale))
+        res = div.chunk_terms(student, teacher, valid, prepared, need_grad, kd_scale, ce=(labels, ce_scale))
         ce = res.stats.pop("ce_sum")
         return res.per_token, ce, res.grad, res.stats
     if with_ce:
-        # CE at temperature 1 on the unscaled logits; its gradient is softmax − one-hot.
+        # CE at temperature 1 on the unscaled logits, by the kernels' own fold helpers: value −log p[label],
+        # gradient ce_row·(softmax − one-hot).
         log_p = torch.log_softmax(student, dim=-1)
-        target = torch.where(valid, labels, 0)[:, None]
-        ce = masked_sum(-log_p.gather(-1, target).squeeze(-1), valid)
+        ce = fold_ce_value(log_p, valid, labels)
         if need_grad:
-            ce_grad = log_p.exp_()
-            ce_grad.scatter_(-1, target, ce_grad.gather(-1, target) - 1.0)  # one entry per row: no atomics
-            ce_grad.mul_(torch.where(valid, ce_scale, 0.0)[:, None])
+            ce_row = torch.where(valid, ce_scale, 0.0)
+            ce_grad = log_p.exp_().mul_(ce_row[:, None])
+            fold_ce_onehot(ce_grad, valid, labels, ce_row)
         del log_p
     student = student.mul_(inv_tau) if inv_tau != 1.0 else student
     # The divergence folds kd_scale into its gradient (no extra pass over [N, V]); the gradient may be the
     # divergence's scratch buffer, valid until its next chunk: the caller consumes it before then.
-    res = div._chunk(student, teacher, valid, prepared, need_grad, kd_scale)
+    res = div.chunk_terms(student, teacher, valid, prepared, need_grad, kd_scale)
     grad = res.grad
     if grad is not None and ce_grad is not None:
         grad = grad.add_(ce_grad)
@@ -401,25 +477,59 @@ def _slices(counts: list[int], chunk_size: int) -> tuple[list[tuple[int, int]], 
 
 
 def _project(
-    div: ChunkedDivergenceLoss, name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    div: ChunkKernel, name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``[N, V]`` fp32 logits ``hidden @ weight.T + bias`` formed in the model's dtype (as ``F.linear``) in the
     divergence's reused scratch buffers: a fresh ``[N, V]`` tensor per slice costs page faults on CPU."""
     n, vocab = hidden.size(0), weight.size(0)
     low_precision = weight.dtype != torch.float32
-    out = div._buffer_of(name + "_model_dtype" if low_precision else name, n, vocab, hidden.device, weight.dtype)
+    out = div.buffer_of(name + "_model_dtype" if low_precision else name, n, vocab, hidden.device, weight.dtype)
     if bias is None:
         torch.mm(hidden, weight.t(), out=out)
     else:
         torch.addmm(bias, hidden, weight.t(), out=out)
     if low_precision:
-        out = div._buffer_of(name, n, vocab, hidden.device).copy_(out)
+        out = div.buffer_of(name, n, vocab, hidden.device).copy_(out)
     return out
 
 
-class FusedLinearTADLoss(FusedLinearDistillationLoss):
-    """TAD (paper Eq. 4-6) from hidden states and output weights; arguments as :class:`TADLoss` plus the
-    fused ones. ``_component_: tad_torchtune.losses.fused_linear.FusedLinearTADLoss`` in a config.
+class _FusedWith(FusedLinearDistillationLoss):
+    """A fused loss whose divergence is built from the keyword arguments it does not take itself.
+
+    A subclass names its divergence class (``divergence_class``); its signature is the fused loss's own
+    keywords plus that class's (``num_output_chunks`` aside: the fused path has no materialised chunks), so a
+    config's ``_component_`` and validation see one flat argument list that cannot drift from the divergence.
+    """
+
+    divergence_class: type[ChunkKernel]
+
+    def __init__(
+        self,
+        *,
+        chunk_size: int = 1024,
+        compile_chunk: bool = False,
+        accumulate_fp32: bool = True,
+        compile_backend: str = "inductor",
+        skip_ignored: bool | None = None,
+        **divergence_args: Any,
+    ):
+        divergence = self.divergence_class(**divergence_args)
+        super().__init__(divergence, chunk_size, compile_chunk, accumulate_fp32, compile_backend, skip_ignored)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = [p for p in inspect.signature(_FusedWith.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY]
+        theirs = [
+            p.replace(kind=p.KEYWORD_ONLY)
+            for name, p in inspect.signature(cls.divergence_class).parameters.items()
+            if name != "num_output_chunks" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        ]
+        cls.__signature__ = inspect.Signature(theirs + own)
+
+
+class FusedLinearTADLoss(_FusedWith):
+    """TAD (paper Eq. 4-6) from hidden states and output weights: the keyword arguments of :class:`TADLoss`
+    plus the fused ones. ``_component_: tad_torchtune.losses.fused_linear.FusedLinearTADLoss`` in a config.
 
     Example:
         >>> fused = FusedLinearTADLoss(top_k=5, chunk_size=64)
@@ -429,46 +539,14 @@ class FusedLinearTADLoss(FusedLinearDistillationLoss):
         >>> loss.backward()
     """
 
-    def __init__(
-        self,
-        top_k: int = 10,
-        beta: float = 2.0,
-        temperature: float = 1.0,
-        normalize_beta: bool = True,
-        ignore_index: int = -100,
-        track_topk_overlap: bool = True,
-        chunk_size: int = 1024,
-        compile_chunk: bool = False,
-        accumulate_fp32: bool = True,
-        compile_backend: str = "inductor",
-        skip_ignored: bool | None = None,
-    ):
-        divergence = TADLoss(
-            top_k=top_k,
-            beta=beta,
-            temperature=temperature,
-            normalize_beta=normalize_beta,
-            ignore_index=ignore_index,
-            track_topk_overlap=track_topk_overlap,
-        )
-        super().__init__(divergence, chunk_size, compile_chunk, accumulate_fp32, compile_backend, skip_ignored)
+    divergence_class = TADLoss
 
 
-class FusedLinearForwardKLLoss(FusedLinearDistillationLoss):
-    """Vanilla KD (forward KL, the paper's baseline) on the same fused machinery as :class:`FusedLinearTADLoss`."""
+class FusedLinearForwardKLLoss(_FusedWith):
+    """Vanilla KD (forward KL, the paper's baseline) on the same fused machinery: the keyword arguments of
+    :class:`ForwardKLLoss` plus the fused ones."""
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        ignore_index: int = -100,
-        chunk_size: int = 1024,
-        compile_chunk: bool = False,
-        accumulate_fp32: bool = True,
-        compile_backend: str = "inductor",
-        skip_ignored: bool | None = None,
-    ):
-        divergence = ForwardKLLoss(temperature=temperature, ignore_index=ignore_index)
-        super().__init__(divergence, chunk_size, compile_chunk, accumulate_fp32, compile_backend, skip_ignored)
+    divergence_class = ForwardKLLoss
 
 
 # --------------------------------------------------------------------------------------------------

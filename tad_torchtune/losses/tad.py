@@ -17,13 +17,15 @@ and the gradient of paper Eq. 6 in closed form, chunk by chunk, during the forwa
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from tad_torchtune.losses.base import (
     ChunkedDivergenceLoss,
     ChunkResult,
-    _fold_ce_onehot,
-    _fold_ce_value,
+    fold_ce_onehot,
+    fold_ce_value,
     masked_sum,
     sum_nan_as_zero,
 )
@@ -123,8 +125,9 @@ class TADLoss(ChunkedDivergenceLoss):
         ['alpha_t_mean', 'divergence_mean', 'dkl1_mean']
     """
 
-    _needs_prepare = True
-    _folds_ce = True
+    needs_row_stats = True
+    folds_ce = True
+    stat_denominators: ClassVar[dict[str, str]] = {"w_sum": "num_rows"}
 
     def __init__(
         self,
@@ -146,53 +149,45 @@ class TADLoss(ChunkedDivergenceLoss):
         self.normalize_beta = bool(normalize_beta)
         self.track_topk_overlap = bool(track_topk_overlap)
 
-    def _check_vocab(self, vocab: int) -> None:
+    def check_vocab(self, vocab: int) -> None:
         if self.top_k >= vocab:
             raise ValueError(
                 f"top_k={self.top_k} must be smaller than the vocabulary size V={vocab}, or the tail is empty"
             )
 
     # First pass: teacher top-K and α_T for every position, then w(X) per row.
-    def _prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor, keep: bool = False) -> _TeacherPass:
+    def prepare_chunk(self, teacher: torch.Tensor, valid: torch.Tensor, keep: bool = False) -> _TeacherPass:
         """Teacher top-K ids and α_T of one chunk (``[N, V]`` fp32 / τ, read-only).
 
-        With ``keep`` the chunk's ``log p_T`` and ``p_T`` stay in two scratch buffers for the :meth:`_chunk`
+        With ``keep`` the chunk's ``log p_T`` and ``p_T`` stay in two scratch buffers for the :meth:`chunk_terms`
         call that follows on the same chunk (no second softmax); the caller must not start another chunk
         in between. ``p_T`` then overwrites ``teacher`` when it is one of our scratch buffers.
         """
         topk_idx = topk_indices(teacher, self.top_k)
         if keep:
-            log_pt = torch._log_softmax(teacher, -1, False, out=self._buffer("log_pt", teacher))
-            probs = torch.exp(log_pt, out=teacher if self._owned(teacher) else self._buffer("pt", teacher))
+            log_pt = torch._log_softmax(teacher, -1, False, out=self.buffer("log_pt", teacher))
+            probs = torch.exp(log_pt, out=teacher if self.owns(teacher) else self.buffer("pt", teacher))
             top = probs.gather(-1, topk_idx)
             alpha = probs.scatter_(-1, topk_idx, 0.0).sum(-1)
             probs.scatter_(-1, topk_idx, top)  # restore p_T for the divergence pass
             return _TeacherPass(topk_idx, alpha, log_pt, probs)
-        probs = torch._softmax(teacher, -1, False, out=self._buffer("prepare", teacher))
+        probs = torch._softmax(teacher, -1, False, out=self.buffer("prepare", teacher))
         # Tail mass as a sum over the tail entries (docs/spec.md §3.5): no cancellation when the top-K holds
         # nearly all the mass; it is 0 only when every tail probability underflows fp32.
         alpha = probs.scatter_(-1, topk_idx, 0.0).sum(-1)
         return _TeacherPass(topk_idx, alpha)
 
-    def _finish_prepare(
-        self, items: list[_TeacherPass], valid_chunks: list[torch.Tensor], batch_size: int
-    ) -> list[_TeacherPass]:
-        # Chunks of a [B, S] grid: chunk positions are row-major, S_c per row.
-        device = items[0].alpha.device
-        # Row of each position by division, not repeat_interleave (whose output size is read back: a host sync).
-        row_ids = [torch.arange(it.alpha.numel(), device=device) // (it.alpha.numel() // batch_size) for it in items]
-        return self._finish_prepare_rows(items, row_ids, valid_chunks, batch_size)
-
-    def _finish_prepare_rows(
+    def finish_prepare_rows(
         self,
         items: list[_TeacherPass],
         row_ids: list[torch.Tensor],
         valid_chunks: list[torch.Tensor],
         num_rows: int,
-    ) -> list[_TeacherPass]:
+    ) -> tuple[list[_TeacherPass], dict[str, torch.Tensor]]:
         """w(X) of every position (paper Eq. 3) from the first pass's α_T: ``β / mean α_T`` over each row's
         valid positions. ``row_ids[i]`` is the ``[N_i]`` row (sequence) of each position of chunk ``i``, so
-        the chunks may hold any positions of any rows (e.g. only the valid ones). Sets ``_prepared_stats``."""
+        the chunks may hold any positions of any rows (e.g. only the valid ones). Statistics: ``w_sum`` over
+        ``num_rows``, the rows with a valid position."""
         # Per-row sums in fp64 as a masked column sum (no index_add_): an fp32 accumulation of 4096 near-equal
         # α_T erred by 1.3e-6 in w(X) (test_gpu_readiness.py; up to 1e-5 reported), and index_add_'s atomics
         # vary run to run on CUDA; a plain reduction is deterministic, needs no host sync, costs [N, rows] fp64.
@@ -214,13 +209,10 @@ class TADLoss(ChunkedDivergenceLoss):
             row_w = torch.full((num_rows,), self.beta, dtype=torch.float32, device=device)
         for item, rows in zip(items, row_ids, strict=True):
             item.weight = row_w[rows]
-        self._prepared_stats = {
-            "w_sum": torch.where(has_tokens, row_w, 0.0).sum(),
-            "num_rows": has_tokens.sum().to(torch.float32),
-        }
-        return items
+        stats = {"w_sum": torch.where(has_tokens, row_w, 0.0).sum(), "num_rows": has_tokens.sum().to(torch.float32)}
+        return items, stats
 
-    def _chunk(
+    def chunk_terms(
         self,
         student: torch.Tensor,
         teacher: torch.Tensor,
@@ -242,15 +234,15 @@ class TADLoss(ChunkedDivergenceLoss):
         #   a: log p_S -> its tail part;  b: log p_T -> KL terms -> shifted tail p_S (q) -> gradient;  c: p_T.
         # The scaled inputs' own buffers are reused when they are ours; a single-pass first pass hands
         # over log p_T and p_T already computed.
-        log_ps = torch._log_softmax(student, -1, False, out=self._buffer("a", student))
-        ce_sum = _fold_ce_value(log_ps, valid, ce[0]) if ce is not None else None
+        log_ps = torch._log_softmax(student, -1, False, out=self.buffer("a", student))
+        ce_sum = fold_ce_value(log_ps, valid, ce[0]) if ce is not None else None
         if prepared.log_pt is not None:
             log_pt, pt = prepared.log_pt, prepared.pt
             b = log_pt
         else:
-            b = student if self._owned(student) else self._buffer("b", student)
+            b = student if self.owns(student) else self.buffer("b", student)
             log_pt = torch._log_softmax(teacher, -1, False, out=b)
-            c = teacher if self._owned(teacher) else self._buffer("c", teacher)
+            c = teacher if self.owns(teacher) else self.buffer("c", teacher)
             pt = torch.exp(log_pt, out=c)
         pt_top = pt.gather(-1, idx)
 
@@ -312,7 +304,7 @@ class TADLoss(ChunkedDivergenceLoss):
                 top_grad.addcmul_(ps_top, ce_row[:, None])
             grad.scatter_(-1, idx, top_grad)
             if ce_row is not None:
-                _fold_ce_onehot(grad, valid, ce[0], ce_row)
+                fold_ce_onehot(grad, valid, ce[0], ce_row)
         if ce_sum is not None:
             stats["ce_sum"] = ce_sum
         return ChunkResult(per_token, grad, stats)

@@ -167,12 +167,12 @@ def test_tad_chunk_compiles_as_one_graph(with_ce):
     valid = torch.ones(12, dtype=torch.bool)
     valid[3] = False
     labels = torch.randint(0, 50, (12,))
-    items = [loss_fn._prepare_chunk(teacher, valid)]
-    (prepared,) = loss_fn._finish_prepare_rows(items, [torch.zeros(12, dtype=torch.long)], [valid], 1)
+    items = [loss_fn.prepare_chunk(teacher, valid)]
+    (prepared,), _ = loss_fn.finish_prepare_rows(items, [torch.zeros(12, dtype=torch.long)], [valid], 1)
     ce = (labels, torch.tensor(0.5)) if with_ce else None
 
     def chunk(s, t):
-        res = loss_fn._chunk(s, t, valid, prepared, True, torch.tensor(0.25), ce=ce)
+        res = loss_fn.chunk_terms(s, t, valid, prepared, True, torch.tensor(0.25), ce=ce)
         return res.per_token, res.grad.clone(), res.stats
 
     torch._dynamo.reset()
