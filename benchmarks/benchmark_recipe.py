@@ -155,7 +155,7 @@ def run_plain(cfg, warmup: int) -> dict:
     from torchtune.data import padded_collate_sft
 
     from tad_torchtune.losses.fused_linear import FusedLinearDistillationLoss, fused_distillation_loss
-    from tad_torchtune.recipes.kd_tad import _FUSED_CHUNK_SIZE
+    from tad_torchtune.training.loss_path import FUSED_CHUNK_SIZE
     from tad_torchtune.training.outputs import non_empty, use_tensor_split_output
 
     torch.manual_seed(0)
@@ -181,7 +181,7 @@ def run_plain(cfg, warmup: int) -> dict:
     use_tensor_split_output(student, chunks)
     use_tensor_split_output(teacher, chunks)
     # The slice size the recipe gives a plain divergence on its fused path.
-    fused = FusedLinearDistillationLoss(kd, chunk_size=_FUSED_CHUNK_SIZE) if cfg.fused_loss == "auto" else None
+    fused = FusedLinearDistillationLoss(kd, chunk_size=FUSED_CHUNK_SIZE) if cfg.fused_loss == "auto" else None
     opt = torch.optim.AdamW(student.parameters(), lr=float(cfg.optimizer.lr), weight_decay=0.1)
     tps = []
     it = iter(loader)

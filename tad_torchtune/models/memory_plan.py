@@ -17,13 +17,19 @@ activations            with checkpointing: the input of every student layer ``L_
                        plus ``B * H * S^2 * 10`` bytes where attention is eager (Gemma-2's soft-capped
                        attention: scores, capped scores, fp32 softmax kept for backward)
 teacher activations    one layer at a time under ``no_grad``: ``T * w * (12 D + c_I I)`` (+ eager scores)
-logits                 student logits and their gradient ``2 * T * V_S * w``, teacher logits ``T * V_T * w``,
-                       and the loss's fp32 working set for one chunk ``4 * (T / C) * V * 4``
+logits                 (chunked-logits path) student logits and their gradient ``2 * T * V_S * w``, teacher
+                       logits ``T * V_T * w``, and the loss's fp32 working set for one chunk ``4 * (T / C) * V * 4``
+fused loss             (fused path, the default where it applies: ``training/loss_path.py``) no logits: the
+                       teacher's final hidden states ``T * D_T * w``, the student's hidden-state gradient
+                       ``T * D_S * w``, one slice's buffers ``c * V * (4 * 4 + 2 * w)`` (``c`` =
+                       ``fused_chunk_size`` tokens; four fp32 ``[c, V]`` buffers, two model-dtype ones when
+                       ``w < 4``) and the fp32 output-weight gradient ``V * D_S * 4``
 overhead               1.5 GiB (CUDA context, NCCL) + 10% of the above (allocator fragmentation)
 =====================  ===========================================================================
 
 with ``T = batch_size * max_seq_len`` tokens per micro-batch per GPU and ``C`` the loss's
-``num_output_chunks``. It is an estimate: ``tests/models/test_memory_plan.py`` checks it against the
+``num_output_chunks``. Which loss path a config takes is decided as the recipe decides it (same function),
+and the plan's notes say which and why. It is an estimate: ``tests/models/test_memory_plan.py`` checks it against the
 measured peak of a CPU training step (within a factor stated there).
 
 CLI: ``tad-tune plan --config configs/gemma2_9b_to_2b.yaml --gpus 2``.
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +102,7 @@ def model_numbers(model_node: dict[str, Any], freeze: list[str] | None = None) -
     attn = model.layers[0].attn
     eager = family == "gemma2" and getattr(attn, "attn_impl", "eager") == "eager"
     return dict(
+        model=model,
         family=family,
         total=total,
         trainable=trainable,
@@ -173,8 +181,17 @@ def estimate_memory(cfg: Any, gpus: int = 1, *, capacity_gib: float = 80.0, seq_
         p["student activations"] = stu["num_layers"] * layer_act(stu)
     if tea is not None:
         p["teacher activations"] = layer_act(tea)
-    v_t = tea["vocab"] if tea else 0
-    p["logits"] = 2 * t * stu["vocab"] * w + t * v_t * w + 4 * (t / chunks) * max(stu["vocab"], v_t) * 4
+    blocker = _fused_blocker(cfg, stu, tea, n)
+    if blocker is None:
+        slice_tokens = min(int(cfg.get("fused_chunk_size", None) or _fused_chunk_default(cfg)), t)
+        v = stu["vocab"]
+        slice_bytes = slice_tokens * v * (4 * 4 + (2 * w if w < 4 else 0))
+        p["fused loss"] = t * tea["dim"] * w + t * stu["dim"] * w + slice_bytes + v * stu["dim"] * 4
+        path_note = f"loss path: fused ({slice_tokens} tokens per slice, no [B, S, V] logits)"
+    else:
+        v_t = tea["vocab"] if tea else 0
+        p["logits"] = 2 * t * stu["vocab"] * w + t * v_t * w + 4 * (t / chunks) * max(stu["vocab"], v_t) * 4
+        path_note = f"loss path: chunked logits ({blocker})"
     body = sum(p.values())
     p["overhead"] = 1.5 * GIB + 0.10 * body
     plan.notes.append(
@@ -182,9 +199,43 @@ def estimate_memory(cfg: Any, gpus: int = 1, *, capacity_gib: float = 80.0, seq_
         + (f"teacher {tea['total'] / 1e9:.3f}B, " if tea else "no teacher, ")
         + f"{b} x {s} tokens per micro-batch, dtype {cfg.get('dtype', 'bf16')}, activation checkpointing {ac}"
     )
+    plan.notes.append(path_note)
     if stu["eager_attention"] or (tea and tea["eager_attention"]):
         plan.notes.append("Gemma-2 eager attention: O(S^2) scores per layer (attn_impl=flex avoids it on GPU)")
     return plan
+
+
+def _fused_chunk_default(cfg: Any) -> int:
+    """A ``FusedLinear*`` kd_loss brings its own ``chunk_size``; otherwise the recipe's default."""
+    from omegaconf import OmegaConf
+
+    from tad_torchtune.training.loss_path import FUSED_CHUNK_SIZE
+
+    return int(OmegaConf.select(cfg, "kd_loss.chunk_size", default=None) or FUSED_CHUNK_SIZE)
+
+
+def _fused_blocker(cfg: Any, stu: dict[str, Any], tea: dict[str, Any] | None, gpus: int) -> str | None:
+    """The recipe's own decision (``training/loss_path.py``) on the meta-device models."""
+    from omegaconf import OmegaConf
+    from torchtune.config._utils import _get_component_from_path
+
+    from tad_torchtune.training.loss_path import fused_blocker
+
+    mode = str(cfg.get("fused_loss", "auto")).lower()
+    if mode == "false":
+        return "fused_loss: false"
+    if tea is None:
+        return "kd_weight is 0 (CE only: there is no divergence to fuse)"
+    component = OmegaConf.select(cfg, "kd_loss._component_", default=None)
+    kd_type = _get_component_from_path(str(component)) if component else None
+    sharded = [str(x) for x in (cfg.get("custom_sharded_layers", None) or [])] if gpus > 1 else []
+    out = stu["model"].output
+    tied = hasattr(out, "tied_module")
+    alone = "output" if "output" in sharded and not tied else None
+    if tied and "tok_embeddings" in sharded:
+        alone = "tok_embeddings (tied to the output)"
+    kd_weight = float(cfg.get("kd_weight", 1.0) or 0.0)
+    return fused_blocker(kd_weight, kd_type, stu["model"], tea["model"], alone)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,16 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Estimate per-GPU memory of a distillation config (weights, grads, optimizer, teacher, "
         "activations, logit chunks) and say whether it fits.",
     )
-    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--config", required=True, help="a config file or a shipped config name (tad-tune ls)")
     parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (FSDP2 sharding). Default: 1")
     parser.add_argument("--capacity-gib", type=float, default=80.0, help="memory per GPU. Default: 80")
     parser.add_argument("--seq-len", type=int, default=None, help="override the sequence length")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. batch_size=8)")
     ns = parser.parse_args(argv)
 
-    from omegaconf import OmegaConf
+    from tad_torchtune.validate import load_config
 
-    cfg = OmegaConf.merge(OmegaConf.load(ns.config), OmegaConf.from_dotlist(ns.overrides))
+    try:  # a shipped name or a path, key=value overrides checked: the same loader as validate and the recipe
+        cfg = load_config(ns.config, ns.overrides)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"tad-tune plan: {err}", file=sys.stderr)
+        return 1
     plan = estimate_memory(cfg, ns.gpus, capacity_gib=ns.capacity_gib, seq_len=ns.seq_len)
     print(plan.table())
     return 0 if plan.fits else 1

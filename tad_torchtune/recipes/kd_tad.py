@@ -58,11 +58,9 @@ from torchtune.data import padded_collate_packed
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
-from tad_torchtune.losses.baselines import ForwardKLLoss
 from tad_torchtune.losses.fused_linear import (
     FusedLinearDistillationLoss,
     fused_distillation_loss,
-    is_plain_projection,
 )
 from tad_torchtune.losses.tad import TADLoss
 from tad_torchtune.reliability.errors import debug_requested, run_reporting
@@ -76,6 +74,7 @@ from tad_torchtune.training.checkpoint import (
     save_step_checkpoint,
     set_rng_state,
 )
+from tad_torchtune.training.loss_path import FUSED_CHUNK_SIZE, fused_blocker
 from tad_torchtune.training.outputs import (
     HiddenStateCapture,
     cosine_distance_sum,
@@ -86,14 +85,6 @@ from tad_torchtune.utils.flops import FlopsPerToken, measure_matmul_peak, parse_
 from tad_torchtune.validate import validate_or_raise
 
 log = utils.get_logger("INFO")
-
-# Keys of kd_loss.last_stats averaged per row (sequence) rather than per token.
-_PER_ROW_STATS = {"w_sum": "num_rows"}
-# Divergences the fused path (hidden states + output weights, no logits) is tested for.
-_FUSABLE = (TADLoss, ForwardKLLoss)
-# Default positions per slice of the fused loss when kd_loss is a plain divergence (``fused_chunk_size``; a
-# FusedLinear* kd_loss brings its own chunk_size).
-_FUSED_CHUNK_SIZE = 1024
 
 
 def _fused_chunk_size(value: Any) -> int:
@@ -229,8 +220,9 @@ class KDTADRecipe(FTRecipeInterface):
         self._resume = cfg.get("resume_from_checkpoint", False)
         self._compile = bool(cfg.get("compile", False))
         self._fused_mode = _fused_mode(cfg.get("fused_loss", "auto"))
-        self._fused_chunk_size = _fused_chunk_size(cfg.get("fused_chunk_size", _FUSED_CHUNK_SIZE))
+        self._fused_chunk_size = _fused_chunk_size(cfg.get("fused_chunk_size", FUSED_CHUNK_SIZE))
         self._fused_loss: FusedLinearDistillationLoss | None = None  # set by setup when the fused path is used
+        self._loss_path_message = ""
         self._checkpoint_root = self._output_dir / "checkpoints"
 
         self.global_step = 0
@@ -247,6 +239,36 @@ class KDTADRecipe(FTRecipeInterface):
     def student(self) -> nn.Module:
         """The student being trained (FSDP2-sharded under ``torchrun``); set by :meth:`setup`."""
         return self._model
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher (``None`` when the run trains on CE only); set by :meth:`setup`."""
+        return self._teacher_model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The student's optimizer; set by :meth:`setup`."""
+        return self._optimizer
+
+    @property
+    def kd_loss(self) -> nn.Module | None:
+        """The configured divergence (``kd_loss``); set by :meth:`setup`."""
+        return self._kd_loss
+
+    @property
+    def fused_loss(self) -> nn.Module | None:
+        """The fused loss when the run takes the fused path, else ``None``; :attr:`loss_path` says why."""
+        return self._fused_loss
+
+    @property
+    def loss_path(self) -> str:
+        """The logged one-line account of the loss path chosen (fused or chunked logits, and why)."""
+        return self._loss_path_message
+
+    @property
+    def guard(self) -> NonFiniteGuard:
+        """The non-finite guard: ``skipped_steps``, ``last_report`` (docs/reliability.md)."""
+        return self._guard
 
     def _call_back(self, hook: str, *args: Any) -> None:
         for callback in self._callbacks:
@@ -366,33 +388,17 @@ class KDTADRecipe(FTRecipeInterface):
         return int(ignore_index), int(chunks)
 
     def _fused_blocker(self) -> str | None:
-        """Why the fused loss cannot be used for this run (None when it can)."""
-        if self._kd_weight == 0:
-            return "kd_weight is 0 (CE only: there is no divergence to fuse)"
-        kd = self._kd_loss
-        if not isinstance(kd, FusedLinearDistillationLoss) and type(kd) not in _FUSABLE:
-            return (
-                f"kd_loss is {type(kd).__name__}; the fused path supports TADLoss and ForwardKLLoss "
-                "(or a FusedLinear* kd_loss)"
-            )
-        for role, model in (("student", self._model), ("teacher", self._teacher_model)):
-            if not (hasattr(model, "unembed") and hasattr(model, "norm")):
-                return f"the {role} ({type(model).__name__}) is not a torchtune TransformerDecoder (.unembed, .norm)"
-            out = getattr(model, "output", None)
-            if not is_plain_projection(out):
-                return (
-                    f"the {role}'s output is {type(out).__name__}, not a plain nn.Linear or TiedLinear (the fused "
-                    "loss computes h Wᵀ + b and would not reproduce a head that changes it, e.g. Gemma-2's soft-cap)"
-                )
+        """Why the fused loss cannot be used for this run (None when it can); see ``training/loss_path.py``."""
         # The fused loss reads the student's head weight inside the root forward, where FSDP2 has unsharded the
         # root's parameters; a head that is its own FSDP unit (custom_sharded_layers) is unsharded only by its
         # own forward, which the fused path never calls, and its gradient would miss its reduce-scatter.
-        out = self._model.output
+        out = getattr(self._model, "output", None)
         head = getattr(out, "tied_module", out)
+        sharded_alone = None
         if isinstance(head, FSDPModule):
-            name = "tok_embeddings (tied to the output)" if head is not out else "output"
-            return f"the student's {name} is sharded on its own (custom_sharded_layers), so its weight is never whole"
-        return None
+            sharded_alone = "tok_embeddings (tied to the output)" if head is not out else "output"
+        kd_type = type(self._kd_loss) if self._kd_loss is not None else None
+        return fused_blocker(self._kd_weight, kd_type, self._model, self._teacher_model, sharded_alone)
 
     def _setup_fused_loss(self) -> None:
         """Decides between the fused path (hidden states + output weights, no logits) and chunked logits.
@@ -968,10 +974,12 @@ class KDTADRecipe(FTRecipeInterface):
             del metrics["ce_loss"]  # not computed on the fused path when its weight is 0
         if self._cosine_weight > 0:
             metrics["cosine_loss"] = cos
+        # Each statistic over its own denominator (the chunk-kernel protocol's stat_denominators: w(X) per row).
+        denominators = getattr(self._kd_loss, "stat_denominators", {})
         for key, value in reduced.items():
             if key in ("num_tokens", "num_rows", "divergence_sum"):
                 continue
-            denom = reduced.get(_PER_ROW_STATS.get(key, "num_tokens"), n)
+            denom = reduced.get(denominators.get(key, "num_tokens"), n)
             metrics[key.removesuffix("_sum") + "_mean"] = value / max(denom, 1.0)
         metrics["grad_norm"] = float(grad_norm)
         metrics["lr"] = float(self._optimizer.param_groups[0]["lr"])

@@ -345,7 +345,7 @@ def _config_loss(path: str) -> tuple[str, bool, int | None]:
     mode = str(cfg.get("fused_loss", "auto")).lower()
     fusable = component.endswith(("TADLoss", "ForwardKLLoss")) or loss == "ce"
     fused = mode == "true" or (mode == "auto" and fusable)
-    chunk = cfg.get("fused_chunk_size") or 1024  # the recipe's default slice (kd_tad._FUSED_CHUNK_SIZE)
+    chunk = cfg.get("fused_chunk_size") or 1024  # the recipe's default slice (training.loss_path.FUSED_CHUNK_SIZE)
     return loss, fused, int(chunk) if fused else None
 
 

@@ -96,7 +96,7 @@ def test_probe_runs_once_without_peak_fused_default(tiny_assets, tmp_path, monke
     seen = _record_batches(monkeypatch)
     cfg = tiny_cfg(tiny_assets, tmp_path / "run", max_steps_per_epoch=2, save_every_n_steps=None, clip_grad_norm=None)
     recipe = run_in_process(cfg)
-    assert recipe._fused_loss is not None
+    assert recipe.fused_loss is not None
     assert calls == [("cpu", torch.float32)]
     for (_, s), m in zip(seen, recipe.metrics_history, strict=True):
         fused = _estimate(cfg, s, "tad", fused=True, chunk=1024)
@@ -129,7 +129,7 @@ def test_loss_kind_follows_the_config(tiny_assets, tmp_path, monkeypatch, overri
         cfg[key] = value
     recipe = run_in_process(cfg)
     (_, s), m = seen[0], recipe.metrics_history[0]
-    fused = recipe._fused_loss is not None
+    fused = recipe.fused_loss is not None
     expected = _estimate(cfg, s, loss, fused=fused, teacher=teacher, chunk=chunk)
     assert m["flops_per_token"] == pytest.approx(expected, rel=1e-12)
     if chunk == 16:

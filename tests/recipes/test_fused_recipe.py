@@ -172,7 +172,7 @@ def test_auto_falls_back_to_chunked_for_other_divergences(tiny_assets, tmp_path)
     rkl = {"_component_": "tad_torchtune.ReverseKLLoss", "num_output_chunks": 4}
     cfg = _cfg(tiny_assets, tmp_path / "run", max_steps_per_epoch=1, save_every_n_steps=None, kd_loss=rkl)
     recipe = run_in_process(cfg)
-    assert recipe._fused_loss is None and "ReverseKLLoss" in recipe._loss_path_message
+    assert recipe.fused_loss is None and "ReverseKLLoss" in recipe.loss_path
     assert recipe.metrics_history[0]["kd_loss"] > 0
 
 
@@ -186,14 +186,14 @@ def test_guard_catches_nonfinite_teacher_on_the_fused_path(tiny_assets, tmp_path
     try:
         recipe.setup(cfg)
         # final_hidden_states runs the teacher's norm as its head: poison its output during step 2.
-        recipe._teacher_model.norm.register_forward_hook(
+        recipe.teacher.norm.register_forward_hook(
             lambda m, a, out: out * float("nan") if recipe.global_step + 1 == 2 else None
         )
         recipe.train()
     finally:
         recipe.cleanup()
-    assert recipe._guard.skipped_steps == [2]
-    assert recipe._guard.last_report.startswith("non-finite values at step 2: first in ")
+    assert recipe.guard.skipped_steps == [2]
+    assert recipe.guard.last_report.startswith("non-finite values at step 2: first in ")
     assert [m["nonfinite_skipped_steps"] for m in recipe.metrics_history] == [0, 1, 1]
 
 

@@ -65,14 +65,14 @@ def test_final_student_is_hf_and_matches(tiny_assets, tmp_path):
 
     hf_model = Qwen2ForCausalLM.from_pretrained(final_dir, torch_dtype=torch.float32).eval()
     trained = qwen2(**kw).eval()
-    trained.load_state_dict(recipe._model.state_dict())
+    trained.load_state_dict(recipe.student.state_dict())
     tokens = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         ours = trained(tokens)
         theirs = hf_model(tokens).logits
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
     # And the weights moved away from the input checkpoint.
-    assert not torch.equal(tune_sd["layers.0.mlp.w1.weight"], recipe._model.state_dict()["layers.0.mlp.w1.weight"])
+    assert not torch.equal(tune_sd["layers.0.mlp.w1.weight"], recipe.student.state_dict()["layers.0.mlp.w1.weight"])
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -109,7 +109,7 @@ def test_qwen3_student_hf_in_hf_out_matches_transformers(tie, tiny_assets, tmp_p
     }
     recipe = run_in_process(cfg)
     trained = qwen3(**kw).eval()
-    trained.load_state_dict(recipe._model.state_dict())
+    trained.load_state_dict(recipe.student.state_dict())
     assert not torch.equal(trained.layers[0].attn.q_norm.scale, student.layers[0].attn.q_norm.scale)  # it trained
 
     tokens = torch.randint(0, 259, (2, 12))

@@ -116,7 +116,7 @@ def test_forward_kl_and_clm_only_train(tiny_assets, tmp_path):
 
 def test_bf16_on_cpu_is_finite(tiny_assets, tmp_path):
     recipe = run_in_process(tiny_cfg(tiny_assets, tmp_path / "bf16", dtype="bf16", max_steps_per_epoch=3))
-    assert next(recipe._model.parameters()).dtype == torch.bfloat16
+    assert next(recipe.student.parameters()).dtype == torch.bfloat16
     for m in recipe.metrics_history:
         assert all(math.isfinite(m[k]) for k in ("loss", "ce_loss", "kd_loss", "grad_norm"))
     # bf16 losses stay near the fp32 ones at step 1 (same weights, rounded).
@@ -142,7 +142,7 @@ def test_cosine_term_freeze_and_kd_ratio(tiny_assets, tmp_path):
     assert 0 < m["cosine_loss"] < 4  # two mapped pairs, each 1 - cos in [0, 2]
     assert m["loss"] == pytest.approx(0.75 * m["ce_loss"] + 0.25 * m["kd_loss"] + 0.5 * m["cosine_loss"], rel=1e-9)
     start = torch.load(tiny_assets / "student/model.pt", weights_only=True)
-    end = recipe._model.state_dict()
+    end = recipe.student.state_dict()
     assert torch.equal(start["tok_embeddings.weight"], end["tok_embeddings.weight"])
     assert not torch.equal(start["layers.0.attn.q_proj.weight"], end["layers.0.attn.q_proj.weight"])
 

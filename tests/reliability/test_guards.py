@@ -30,17 +30,15 @@ def _inject(recipe, place: str, step: int, value: float, seen_tokens: dict[int, 
     def record_tokens(module, args, kwargs, out):
         seen_tokens.setdefault(recipe.global_step + 1, args[0].detach().clone())
 
-    recipe._model.register_forward_hook(record_tokens, with_kwargs=True)
+    recipe.student.register_forward_hook(record_tokens, with_kwargs=True)
     if place == "teacher_logits":
-        recipe._teacher_model.register_forward_hook(
-            lambda m, a, out: [_poison(out[0], value), *out[1:]] if now() else None
-        )
+        recipe.teacher.register_forward_hook(lambda m, a, out: [_poison(out[0], value), *out[1:]] if now() else None)
     elif place == "student_logits":
-        recipe._model.register_forward_hook(lambda m, a, out: [_poison(out[0], value), *out[1:]] if now() else None)
+        recipe.student.register_forward_hook(lambda m, a, out: [_poison(out[0], value), *out[1:]] if now() else None)
     elif place == "loss":
-        recipe._kd_loss.register_forward_hook(lambda m, a, out: out + value if now() else None)
+        recipe.kd_loss.register_forward_hook(lambda m, a, out: out + value if now() else None)
     else:
-        p = recipe._model.layers[0].attn.q_proj.weight
+        p = recipe.student.layers[0].attn.q_proj.weight
         p.register_hook(lambda g: _poison(g, value) if now() else g)
 
 
@@ -50,13 +48,13 @@ def _prepare(cfg):
     recipe = KDTADRecipe(cfg)
     recipe.setup(cfg)
     snaps: list[dict[str, torch.Tensor]] = []
-    zero_grad = recipe._optimizer.zero_grad
+    zero_grad = recipe.optimizer.zero_grad
 
     def snapshot_and_zero_grad(*args, **kwargs):  # called once before training and once after every step
-        snaps.append({k: v.detach().clone() for k, v in recipe._model.state_dict().items()})
+        snaps.append({k: v.detach().clone() for k, v in recipe.student.state_dict().items()})
         return zero_grad(*args, **kwargs)
 
-    recipe._optimizer.zero_grad = snapshot_and_zero_grad
+    recipe.optimizer.zero_grad = snapshot_and_zero_grad
     return recipe, snaps
 
 
@@ -65,7 +63,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _adam_steps(recipe) -> set[float]:
-    return {float(s["step"]) for s in recipe._optimizer.state.values()}
+    return {float(s["step"]) for s in recipe.optimizer.state.values()}
 
 
 def test_skip_policy_catches_each_place_and_never_steps_on_nan(assets, tmp_path):
@@ -85,7 +83,7 @@ def test_skip_policy_catches_each_place_and_never_steps_on_nan(assets, tmp_path)
 
     def record(step, grad_norm, micro):
         ok = check(step, grad_norm, micro)
-        reports[step] = None if ok else recipe._guard.last_report
+        reports[step] = None if ok else recipe.guard.last_report
         return ok
 
     recipe._guard.before_optimizer_step = record
@@ -93,7 +91,7 @@ def test_skip_policy_catches_each_place_and_never_steps_on_nan(assets, tmp_path)
         recipe.train()
     finally:
         recipe.cleanup()
-    assert recipe._guard.skipped_steps == [2, 3, 4, 5]
+    assert recipe.guard.skipped_steps == [2, 3, 4, 5]
     assert reports[1] is None and reports[6] is None
     for step, (place, _) in plan.items():
         assert f"step {step}: first in {place}" in reports[step], reports[step]
@@ -101,7 +99,7 @@ def test_skip_policy_catches_each_place_and_never_steps_on_nan(assets, tmp_path)
         assert _same(snaps[step], snaps[step - 1]), f"weights moved on skipped step {step}"
     assert not _same(snaps[6], snaps[5])  # a clean step does update (step 1 has lr 0: warmup)
     assert _adam_steps(recipe) == {2.0}  # AdamW stepped twice: its state never saw a NaN
-    assert all(torch.isfinite(v).all() for v in recipe._model.state_dict().values())
+    assert all(torch.isfinite(v).all() for v in recipe.student.state_dict().values())
     assert [m["nonfinite_skipped_steps"] for m in recipe.metrics_history] == [0, 1, 2, 3, 4, 4]
 
 
@@ -121,7 +119,7 @@ def test_stop_policy_reports_step_tensor_and_tokens(assets, tmp_path, place):
     assert f"non-finite values at step 2: first in {place}" in msg
     assert f"batch's first tokens (row 0): {tokens[2][0, :16].tolist()}" in msg
     assert recipe.global_step == 1 and len(snaps) == 2  # stopped inside step 2, before its update
-    assert _same({k: v for k, v in recipe._model.state_dict().items()}, snaps[1])
+    assert _same({k: v for k, v in recipe.student.state_dict().items()}, snaps[1])
     assert _adam_steps(recipe) == {1.0}
 
 

@@ -180,19 +180,19 @@ def test_guard_checks_the_clipped_update_and_the_learning_rate(assets, tmp_path)
         recipe = KDTADRecipe(cfg)
         try:
             recipe.setup(cfg)
-            before = {k: v.clone() for k, v in recipe._model.state_dict().items()}
+            before = {k: v.clone() for k, v in recipe.student.state_dict().items()}
             if name == "clip":
                 recipe._clip_grad_norm = float("nan")  # validation refuses it; the guard must hold on its own
             else:
-                for g in recipe._optimizer.param_groups:
+                for g in recipe.optimizer.param_groups:
                     g["lr"] = poison
                 recipe._lr_scheduler = None
             recipe.train()
         finally:
             recipe.cleanup()
-        assert recipe._guard.skipped == 2, name
-        assert "first in update (after clipping, times the learning rate)" in recipe._guard.last_report
-        for k, v in recipe._model.state_dict().items():
+        assert recipe.guard.skipped == 2, name
+        assert "first in update (after clipping, times the learning rate)" in recipe.guard.last_report
+        for k, v in recipe.student.state_dict().items():
             assert torch.equal(v, before[k]), (name, k)
 
 
@@ -205,7 +205,7 @@ def test_a_non_finite_weight_is_never_saved(assets, tmp_path):
     try:
         recipe.setup(cfg)
         with torch.no_grad():
-            recipe._model.layers[1].mlp.w2.weight[3, 5] = float("inf")
+            recipe.student.layers[1].mlp.w2.weight[3, 5] = float("inf")
         with pytest.raises(NonFiniteError, match=r"student weight 'layers.1.mlp.w2.weight' has 0 NaN and 1 inf"):
             recipe.save_checkpoint()
     finally:
