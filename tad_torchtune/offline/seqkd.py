@@ -69,6 +69,7 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
     indices: Sequence[int] | None = None,
+    vocab_size: int | None = None,
 ) -> list[tuple[np.ndarray, bool]]:
     """Continue each prompt with the model, batched with a KV cache.
 
@@ -82,6 +83,8 @@ def generate(
         top_k (int | None): sample among the ``top_k`` most likely ids only. Default: None.
         seed (int): sampling seed; row ``j`` uses a generator seeded with ``(seed, indices[j])``. Default: 0.
         indices (Sequence[int] | None): the prompts' global ids (for the per-row seeds). Default: 0..B-1.
+        vocab_size (int | None): only ids below it are generated (a teacher's padded output rows beyond the
+            tokenizer's vocabulary are never picked). Default: None (all the model's rows).
 
     Returns:
         Per prompt ``(continuation int64 [n <= max_new_tokens], stopped)``.
@@ -122,7 +125,10 @@ def generate(
     with local_kv_cache(model, batch_size=bsz, device=device, dtype=dtype, decoder_max_seq_len=total):
         logits = logits_of(model, tokens, mask=masks[:, :plen], input_pos=positions[:, :plen])[:, -1]
         for step in range(max_new_tokens):
-            nxt = _pick(logits.float(), temperature, top_k, gens)
+            scores = logits.float()
+            if vocab_size is not None and vocab_size < scores.shape[-1]:
+                scores[:, vocab_size:] = float("-inf")
+            nxt = _pick(scores, temperature, top_k, gens)
             out[:, step] = nxt
             lengths += (~done).long()
             done |= torch.isin(nxt, stops)
@@ -166,6 +172,8 @@ class SeqKDWriter:
         seed (int): sampling seed. Default: 0.
         max_prompt_tokens (int | None): longer prompts keep their last ``max_prompt_tokens`` ids (so a chat
             template's assistant header stays). Default: None (no cut).
+        vocab_size (int | None): the tokenizer's vocabulary; ids at or above it are never generated.
+            Default: None.
     """
 
     kind = "seqkd"
@@ -180,6 +188,7 @@ class SeqKDWriter:
         top_k: int | None = None,
         seed: int = 0,
         max_prompt_tokens: int | None = None,
+        vocab_size: int | None = None,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -195,6 +204,7 @@ class SeqKDWriter:
             "top_k": top_k,
             "seed": int(seed) if temperature else None,
             "max_prompt_tokens": max_prompt_tokens,
+            "vocab_size": vocab_size,
         }
 
     def identity(self) -> dict[str, Any]:
@@ -215,6 +225,7 @@ class SeqKDWriter:
             top_k=s["top_k"],
             seed=s["seed"] or 0,
             indices=batch.indices.tolist(),
+            vocab_size=s["vocab_size"],
         )
         conts = [c for c, _ in results]
         plens = np.array([len(p) for p in prompts], dtype=np.int64)
