@@ -127,3 +127,42 @@ def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.T
         row = logits[b].float()
         out[b] = row.gather(-1, labels[b, :, None]).squeeze(-1) - torch.logsumexp(row, dim=-1)
     return out
+
+
+def qwen2_from_hf_config(checkpoint_dir: str | Path, max_seq_len: int = 2048) -> torch.nn.Module:
+    """A torchtune Qwen2 decoder with the dims of ``checkpoint_dir/config.json`` (an HF ``Qwen2ForCausalLM``).
+
+    For small reference models that have no builder of their own, e.g. MiniPLM's reference
+    ``MiniLLM/Ref-Pretrain-Qwen-104M``: ``reference_model: {_component_: tad_torchtune.offline.models.
+    qwen2_from_hf_config, checkpoint_dir: /models/Ref-Pretrain-Qwen-104M}`` with an ``HFCheckpointer`` of
+    ``model_type: QWEN2``.
+
+    Args:
+        checkpoint_dir (str | Path): folder with the HF ``config.json``.
+        max_seq_len (int): RoPE cache length. Default: 2048.
+
+    Raises:
+        ValueError: the config is not a Qwen2 one.
+    """
+    import json
+
+    from torchtune.models.qwen2._component_builders import qwen2
+
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: checkpoint_dir must be an HF model folder")
+    c = json.loads(path.read_text())
+    if c.get("model_type") != "qwen2":
+        raise ValueError(f"{path} describes model_type={c.get('model_type')!r}; this builder reads qwen2 configs")
+    return qwen2(
+        vocab_size=c["vocab_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"],
+        num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+        embed_dim=c["hidden_size"],
+        intermediate_dim=c["intermediate_size"],
+        max_seq_len=max_seq_len,
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_base=c.get("rope_theta", 1_000_000.0),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+    )

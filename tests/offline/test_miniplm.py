@@ -77,3 +77,43 @@ def test_fraction_and_refusals(scored, tmp_path):
     write_selected_token_file(out, tmp_path / "a.bin")
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_selected_token_file(out, tmp_path / "a.bin")
+
+
+def test_qwen2_reference_builder_reads_the_hf_config(tmp_path):
+    import json
+
+    from torchtune.models.qwen2._component_builders import qwen2
+
+    from tad_torchtune.offline.models import qwen2_from_hf_config
+
+    hf = {
+        "model_type": "qwen2",
+        "vocab_size": 300,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    got = qwen2_from_hf_config(tmp_path, max_seq_len=64)
+    want = qwen2(
+        vocab_size=300,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        intermediate_dim=48,
+        max_seq_len=64,
+        norm_eps=1e-6,
+        rope_base=10000.0,
+        tie_word_embeddings=True,
+    )
+    assert {k: v.shape for k, v in got.state_dict().items()} == {k: v.shape for k, v in want.state_dict().items()}
+    assert got.layers[0].sa_norm.eps == 1e-6
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="qwen2 configs"):
+        qwen2_from_hf_config(tmp_path)
