@@ -115,3 +115,22 @@ def test_the_pass_writes_a_dataset_the_recipe_reads(tiny, models, tmp_path):
     run_pass(other, writer, tmp_path / "b", shard_size=4, progress=False)
     with pytest.raises(ValueError, match="another tokenizer"):
         seqkd_dataset(tok, path=tmp_path / "b")
+
+
+def test_orcamel_prompts_end_where_the_answer_starts(tmp_path):
+    import json
+
+    from tad_torchtune.data.orcamel import build_prompt_template, tokenize_example
+    from tad_torchtune.offline.seqkd import orcamel_prompts
+    from tad_torchtune.training.byte_tokenizer import byte_tokenizer
+
+    rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "Name a prime.", "answer": "7"}]
+    (tmp_path / "orca.json").write_text(json.dumps(rows))
+    tok = byte_tokenizer()
+    prompts, desc = orcamel_prompts(tok, [(tmp_path / "orca.json", "question", "answer")])
+    assert len(prompts) == 2 and desc["orcamel"][0][1:] == ["question", "answer"]
+    for row, prompt in zip(rows, prompts, strict=True):
+        full, mask = tokenize_example(tok, row["question"], "xyz", build_prompt_template("qa"))
+        assert full[: len(prompt)] == prompt  # what the student sees before the answer in SFT
+        assert bytes(full[len(prompt) : len(prompt) + 3]) == b"xyz"
+        assert all(mask[: len(prompt)])  # the whole prompt is masked in SFT
