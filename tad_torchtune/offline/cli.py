@@ -128,9 +128,15 @@ def _score(args: argparse.Namespace) -> int:
     _check_positive(args, "batch_size", "shard_size", "max_windows", "max_seq_len")
     cfg = load_config(args.config, args.overrides)
     ref_cfg = load_config(args.reference_config, args.overrides) if args.reference_config else cfg
-    for c, key, what in ((cfg, args.teacher_key, "--config"), (ref_cfg, args.reference_key, "--reference-config")):
-        if c.get(key) is None:
-            raise ValueError(f"{what} has no {key!r} section: name the model section with the matching --*-key")
+    if cfg.get(args.teacher_key) is None:
+        raise ValueError(f"--config has no {args.teacher_key!r} section; name the teacher's section with --teacher-key")
+    if ref_cfg.get(args.reference_key) is None:
+        where = "--reference-config" if args.reference_config else "--config (no --reference-config given)"
+        raise ValueError(
+            f"{where} has no {args.reference_key!r} section for the reference model; give --reference-config "
+            "FILE (e.g. configs/offline/miniplm_reference_qwen_104m.yaml) or name its sections with "
+            "--reference-key and --reference-checkpointer-key"
+        )
     src = WindowSource(args.data, _max_seq_len(args, cfg), max_windows=args.max_windows)
     tokenizer = load_tokenizer(cfg) if cfg.get("tokenizer") is not None else None
     teacher = load_model(cfg, args.teacher_key, args.teacher_checkpointer_key, device=args.device, dtype=args.dtype)
