@@ -348,7 +348,7 @@ def _write_shard(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
     _atomic_write_bytes(path, data)
 
 
-def _prepare_folder(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+def _prepare_folder(out_dir: Path, manifest: dict[str, Any], overwrite: bool, rank: int) -> None:
     """Create the folder and manifest, or check the existing one has the same identity (else refuse)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mpath = out_dir / MANIFEST
@@ -365,8 +365,9 @@ def _prepare_folder(out_dir: Path, manifest: dict[str, Any], overwrite: bool) ->
                 f"{out_dir} holds an offline pass made with other inputs or settings ({what}); "
                 "choose another output folder or pass --overwrite (overwrite=True) to start again"
             )
-        # Only rank 0 clears (the others wait for the new manifest below): stale shards must not survive.
-        if rank_world()[0] == 0:
+        # Only rank 0 clears (stale shards must not survive); the other ranks redo any shard whose header carries
+        # the old identity. With several processes, run --overwrite once with one process first (docs/offline.md).
+        if rank == 0:
             for p in out_dir.glob("shard_*.safetensors*"):
                 p.unlink()
             mpath.unlink()
@@ -442,7 +443,7 @@ def run_pass(
         "num_shards": num_shards,
         "complete": False,
     }
-    _prepare_folder(out_dir, manifest, overwrite)
+    _prepare_folder(out_dir, manifest, overwrite, rank)
 
     mine = list(range(rank, num_shards, world_size))
     todo = []
