@@ -74,6 +74,13 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
         p.add_argument("--top-k", type=int, default=None, help="sample among the top-k ids. Default: all")
         p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt). Default: %(default)s")
+        p.add_argument(
+            "--stop-ids",
+            type=int,
+            nargs="+",
+            default=[],
+            help="extra stop ids, e.g. the teacher's end-of-turn (Phi-3: 32007 32000); stored as the tokenizer's EOS",
+        )
     return p
 
 
@@ -206,12 +213,13 @@ def _generate(args: argparse.Namespace) -> int:
     writer = SeqKDWriter(
         teacher,
         max_new_tokens=args.max_new_tokens,
-        stop_ids=stop_ids_of(tokenizer),
+        stop_ids=stop_ids_of(tokenizer) + [i for i in args.stop_ids if i not in stop_ids_of(tokenizer)],
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
         max_prompt_tokens=args.max_prompt_tokens,
         vocab_size=tk.vocab_size(tokenizer),
+        end_id=tk.eos_id(tokenizer),
     )
     manifest = run_pass(
         src,

@@ -85,6 +85,19 @@ def test_ids_beyond_the_tokenizer_vocabulary_are_never_generated(tiny, models):
     capped = generate(teacher, prompts, max_new_tokens=4, stop_ids=[EOS], vocab_size=259)
     plain = generate(models[0].model, prompts, max_new_tokens=4, stop_ids=[EOS], vocab_size=259)
     assert [c.tolist() for c, _ in capped] == [c.tolist() for c, _ in plain]
+    # ... unless it is a stop id (a teacher's own end-of-turn beyond the student's vocabulary): it ends the row
+    ended = generate(teacher, prompts, max_new_tokens=4, stop_ids=[EOS, 260], vocab_size=259)
+    assert all(c.tolist() == [260] and st for c, st in ended)
+    from tad_torchtune.offline.models import LoadedModel
+
+    writer = SeqKDWriter(
+        LoadedModel(teacher, "x", {}), max_new_tokens=4, stop_ids=[EOS, 260], vocab_size=259, end_id=EOS
+    )
+    src = PromptSource(prompts)
+    from tad_torchtune.offline.engine import collate
+
+    rec = writer.records(collate(src, range(len(prompts)), torch.device("cpu")))
+    assert rec["tokens"].tolist() == [EOS] * len(prompts) and rec["stopped"].all()  # stored as the student's EOS
 
 
 def test_generation_refuses_a_sequence_longer_than_the_model(models):
