@@ -155,8 +155,7 @@ class WindowSource:
         if self._sha is None:
             self._sha = file_sha256(self.path)
         return {
-            "kind": "token_file_windows",
-            "path": str(self.path.resolve()),
+            "kind": "token_file_windows",  # the content, not the path: a moved or remounted file is the same
             "sha256": self._sha,
             "num_tokens": self.meta["num_tokens"],
             "tokenizer": self.tokenizer_fingerprint,
@@ -442,6 +441,8 @@ def run_pass(
         "identity_hash": ihash,
         "num_shards": num_shards,
         "complete": False,
+        # where the instances were read (not part of the identity: another mount of the same file is the same)
+        "source_path": str(Path(source.path).resolve()) if getattr(source, "path", None) else None,
     }
     _prepare_folder(out_dir, manifest, overwrite, rank)
 
