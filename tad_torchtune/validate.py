@@ -42,6 +42,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from tad_torchtune.config_loader import load_config
+
 # Every top-level key the knowledge_distillation_tad recipe reads (docs/recipe.md, docs/reliability.md).
 RECIPE_KEYS = frozenset(
     """
@@ -185,6 +187,7 @@ class _Checker:
         self.notes: list[str] = []  # accepted but worth saying (benign config changes on resume)
         self.models: dict[str, Any] = {}
         self.tokenizer = None
+        self.dataset_parts: list[Any] | None = None  # built by data(); the recipe's setup reuses them
 
     def add(self, key: str, message: str) -> None:
         self.problems.append(Problem(key, message))
@@ -506,6 +509,7 @@ class _Checker:
                 config.instantiate(c, self.tokenizer) for c in (ds_cfg if isinstance(ds_cfg, ListConfig) else [ds_cfg])
             ]
             n = sum(len(p) for p in parts)
+            self.dataset_parts = parts
         except StopIteration:  # HF datasets' json/csv builders on a source without records
             files = _get(self.cfg, "dataset.data_files")
             self.add("dataset", f"cannot build the dataset: its source {files or ''} holds no records (empty file?)")
@@ -680,6 +684,7 @@ def validate_config(
     world_size: int | None = None,
     notes: list[str] | None = None,
     check_lock: bool = True,
+    built: dict[str, Any] | None = None,
 ) -> list[Problem]:
     """Runs every start-up check; returns the problems found (empty when the config is good).
 
@@ -691,6 +696,9 @@ def validate_config(
             changes on resume, a resume with nothing to resume yet). Default: None
         check_lock (bool): refuse an ``output_dir`` whose run lock another process holds. The recipe's ranks
             other than 0 pass False: their own rank 0 may already hold it. Default: True
+        built (dict[str, Any] | None): when given and the config is good, receives what the checks built so the
+            caller need not build it again: ``tokenizer`` and ``dataset_parts`` (one dataset per ``dataset``
+            entry, built with that tokenizer). Default: None
 
     Returns:
         list[Problem]: one entry per finding, each naming the key.
@@ -700,6 +708,11 @@ def validate_config(
     problems = checker.run() + logger_package_problems(cfg)
     if notes is not None:
         notes.extend(checker.notes)
+    if built is not None and not problems:
+        if checker.tokenizer is not None:
+            built["tokenizer"] = checker.tokenizer
+        if checker.dataset_parts is not None:
+            built["dataset_parts"] = checker.dataset_parts
     return problems
 
 
@@ -708,28 +721,6 @@ def validate_or_raise(cfg: DictConfig, **kwargs: Any) -> None:
     problems = validate_config(cfg, **kwargs)
     if problems:
         raise ConfigValidationError(problems)
-
-
-def load_config(config: str, overrides: list[str]) -> DictConfig:
-    """A config file (or a shipped config name) merged with ``key=value`` overrides, like ``tune run``."""
-    path = Path(config)
-    if not path.is_file():
-        from tad_torchtune._registry import config_dirs
-
-        for d in config_dirs():
-            cand = d / f"{config.removesuffix('.yaml')}.yaml"
-            if cand.is_file():
-                path = cand
-                break
-        else:
-            raise FileNotFoundError(f"config {config!r} is neither a file nor a shipped config name")
-    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
-    if bad:
-        raise ValueError(f"overrides {bad} are not key=value (or ~key to remove a key)")
-    # torchtune's own merge: YAML-typed values (lr=0 is the number 0), ``~key`` removals, ``model=<builder>``.
-    from torchtune.config._utils import _merge_yaml_and_cli_args
-
-    return _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(OmegaConf.load(path))), overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -89,7 +88,6 @@ def build_prompt_template(template: Any) -> Any | None:
 
 
 _WORKER: dict[str, Any] = {}
-_LAST_BUILD: dict[str, Any] = {}
 
 
 def _init(tokenizer: Any, template: Any, train_on_input: bool, max_seq_len: int) -> None:
@@ -272,13 +270,6 @@ class InstructionDataset(Dataset):
         # truncation count below: the shorter of the two limits applies, and the cut happens here.
         tok_limit = getattr(tokenizer, "max_seq_len", None)
         self.max_seq_len = int(min(max_seq_len, tok_limit) if isinstance(tok_limit, int) else max_seq_len)
-        # The recipe's start-up validation builds the dataset once and setup builds it again in the same
-        # process: the last build is reused when nothing that shapes it changed (arrays are shared, not copied).
-        key = self._cache_key(tokenizer, sources, prompt_template, own, train_on_input)
-        if key is not None and _LAST_BUILD.get("key") == key:
-            self.__dict__.update(_LAST_BUILD["state"])
-            log.info("instruction data: reusing the %d examples tokenised earlier in this process", len(self))
-            return
         pairs: list[tuple[str, str]] = []
         self.source_sizes: dict[str, int] = {}
         for spec in sources:
@@ -326,9 +317,6 @@ class InstructionDataset(Dataset):
         self._tokens = np.concatenate([p[0] for p in parts])
         self._mask = np.concatenate([p[1] for p in parts])
         del parts
-        if key is not None:
-            _LAST_BUILD.clear()
-            _LAST_BUILD.update(key=key, state=dict(self.__dict__))
         log.info(
             "instruction data: %d examples (%s), %d truncated to %d tokens, %d dropped (prompt fills the window), "
             "%d tokens, %d trained",
@@ -340,28 +328,6 @@ class InstructionDataset(Dataset):
             self._tokens.size,
             int((~self._mask).sum()),
         )
-
-    def _cache_key(self, tokenizer: Any, sources: Any, template: Any, own: Any, train_on_input: bool) -> str | None:
-        try:
-            specs = []
-            for spec in sources:
-                files = _resolve_files(spec["source"]) or []
-                stats = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files]
-                specs.append({**{k: str(v) for k, v in dict(spec).items()}, "stats": stats})
-            return json.dumps(
-                {
-                    "sources": specs,
-                    "template": template if isinstance(template, str | dict | None) else repr(template),
-                    "own_template": type(own).__name__,
-                    "train_on_input": train_on_input,
-                    "max_seq_len": self.max_seq_len,
-                    "tokenizer": [tk.describe(tokenizer), tk.fingerprint(tokenizer), tk.vocab_size(tokenizer)],
-                },
-                sort_keys=True,
-                default=str,
-            )
-        except Exception:  # an unusual tokenizer or source: just don't cache
-            return None
 
     def __len__(self) -> int:
         return len(self._offsets) - 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,29 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _DTYPES.update({"fp16": torch.float16, "float16": torch.float16})
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load a YAML config (a path, or the name of a shipped config such as ``tiny_cpu``) and apply ``key=value``
-    overrides (torchtune's command-line syntax)."""
-    path = Path(path)
-    if not path.is_file():
-        from tad_torchtune._registry import config_dirs
-
-        shipped = [d / f"{path.name.removesuffix('.yaml')}.yaml" for d in config_dirs() if path.parent == Path(".")]
-        found = [p for p in shipped if p.is_file()]
-        if not found:
-            raise FileNotFoundError(
-                f"config {path} not found; pass the path of a YAML file or a shipped config name (`tad-tune ls`)"
-            )
-        path = found[0]
-    cfg = OmegaConf.load(path)
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"overrides must look like key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    return cfg
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:

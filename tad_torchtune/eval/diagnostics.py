@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tad_torchtune.config_loader import load_config
 from tad_torchtune.eval._logits import paired_chunks, single_chunks
 from tad_torchtune.reliability.errors import EXIT_REFUSED
 
@@ -541,7 +542,7 @@ def _seq_len(args: argparse.Namespace, cfg) -> int:
 def _run(args: argparse.Namespace) -> int:
     from tad_torchtune.eval import _loading
 
-    cfg = _loading.load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     device, dtype = _loading.resolve_device_dtype(args.device, args.dtype)
     tokenizer = _loading.build_tokenizer(cfg)
     seq_len = _seq_len(args, cfg)

@@ -491,12 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path = Path(ns.config) if ns.config else _default_config(weights)
     if cfg_path is None:
         return fail(f"no --config given and no torchtune_config.yaml in the run folder of {weights}; pass --config")
-    if not cfg_path.is_file():
-        return fail(f"--config {cfg_path} not found")
-    bad = [o for o in ns.overrides if "=" not in o]
-    if bad:
-        return fail(f"overrides must look like key=value, got {bad}")
-    cfg = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(ns.overrides))
+    from tad_torchtune.config_loader import load_config
+
+    try:  # a path or a shipped name, overrides checked: the loader every command uses
+        cfg = load_config(cfg_path, ns.overrides)
+    except (FileNotFoundError, ValueError) as err:
+        return fail(f"--config: {err}")
     if cfg.get(ns.model_key) is None:
         return fail(f"config {cfg_path} has no {ns.model_key!r} node")
     node = OmegaConf.to_container(cfg[ns.model_key], resolve=True)

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. batch_size=8)")
     ns = parser.parse_args(argv)
 
-    from tad_torchtune.validate import load_config
+    from tad_torchtune.config_loader import load_config
 
     try:  # a shipped name or a path, key=value overrides checked: the same loader as validate and the recipe
         cfg = load_config(ns.config, ns.overrides)

@@ -46,6 +46,7 @@ widths and fewer layers is an exact layer subset.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -357,10 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
 
+    from tad_torchtune.config_loader import load_config
     from tad_torchtune.models.export import export_hf
     from tad_torchtune.models.registry import resolve
 
-    cfg = OmegaConf.merge(OmegaConf.load(ns.config), OmegaConf.from_dotlist(ns.overrides))
+    try:  # a path or a shipped name, overrides checked: the loader every command uses
+        cfg = load_config(ns.config, ns.overrides)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"tad-tune init-student: {err}", file=sys.stderr)
+        return 1
     from tad_torchtune.models.students import STUDENT_INIT
 
     # defaults: the paper's settings for a named Table 8 student, else every other layer with random MLPs

@@ -127,7 +127,7 @@ def _check_corpus(src: Any, tokenizer: Any, vocabs: dict[str, int]) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from tad_torchtune.eval._loading import load_config
+    from tad_torchtune.config_loader import load_config
     from tad_torchtune.offline.engine import WindowSource, run_pass
     from tad_torchtune.offline.miniplm import DifferenceScoreWriter
     from tad_torchtune.offline.models import load_model, load_tokenizer, model_vocab
@@ -176,8 +176,8 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from tad_torchtune.config_loader import load_config
     from tad_torchtune.data import _tokenizers as tk
-    from tad_torchtune.eval._loading import load_config
     from tad_torchtune.offline.engine import PromptSource, WindowSource, run_pass
     from tad_torchtune.offline.models import load_model, load_tokenizer, model_vocab
     from tad_torchtune.offline.seqkd import SeqKDWriter, orcamel_prompts, stop_ids_of

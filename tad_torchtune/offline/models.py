@@ -61,7 +61,8 @@ def load_model(
     """
     from omegaconf import DictConfig, OmegaConf
 
-    from tad_torchtune.eval._loading import build_model, load_config, resolve_device_dtype
+    from tad_torchtune.config_loader import load_config
+    from tad_torchtune.eval._loading import build_model, resolve_device_dtype
     from tad_torchtune.offline.engine import model_fingerprint
 
     cfg = config if isinstance(config, DictConfig) else load_config(config, overrides)
@@ -83,7 +84,8 @@ def load_tokenizer(config: Any, overrides: Sequence[str] = ()) -> Any:
     """``config.tokenizer`` instantiated (the student's tokenizer in our configs; teacher and student share it)."""
     from omegaconf import DictConfig
 
-    from tad_torchtune.eval._loading import build_tokenizer, load_config
+    from tad_torchtune.config_loader import load_config
+    from tad_torchtune.eval._loading import build_tokenizer
 
     cfg = config if isinstance(config, DictConfig) else load_config(config, overrides)
     try:

@@ -161,7 +161,9 @@ class KDTADRecipe(FTRecipeInterface):
         notes: list[str] = []
         global_rank = int(os.environ.get("RANK", "0"))
         # Only rank 0 asks whether output_dir is in use: the other ranks may find their own rank 0 holding it.
-        validate_or_raise(cfg, notes=notes, check_lock=global_rank == 0)
+        # What validation built (tokenizer, datasets) is handed to setup rather than built a second time.
+        self._validated: dict[str, Any] = {}
+        validate_or_raise(cfg, notes=notes, check_lock=global_rank == 0, built=self._validated)
         for note in notes if global_rank == 0 else []:
             log.warning(note)
         # One run per output_dir: the writing process (global rank 0) holds an exclusive lock until it ends.
@@ -287,7 +289,7 @@ class KDTADRecipe(FTRecipeInterface):
 
         resume_state = self._find_resume_state(cfg)
 
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = self._validated.pop("tokenizer", None) or config.instantiate(cfg.tokenizer)
         self._kd_loss = config.instantiate(cfg.kd_loss) if cfg.get("kd_loss") is not None else None
         self._ignore_index, self._num_output_chunks = self._setup_loss(cfg)
 
@@ -589,9 +591,11 @@ class KDTADRecipe(FTRecipeInterface):
     def _setup_data(
         self, cfg_dataset: DictConfig | ListConfig, shuffle: bool, batch_size: int, collate_fn: str
     ) -> tuple[StatefulDataLoader, StatefulDistributedSampler]:
-        """Dataset(s) through torchtune's builders; each rank reads its share via a stateful sampler."""
+        """Dataset(s) through torchtune's builders (as validation built them, with the same tokenizer); each rank
+        reads its share via a stateful sampler."""
+        validated = self._validated.pop("dataset_parts", None)
         if isinstance(cfg_dataset, ListConfig):
-            parts = [config.instantiate(c, self._tokenizer) for c in cfg_dataset]
+            parts = validated or [config.instantiate(c, self._tokenizer) for c in cfg_dataset]
             shifted = [bool(getattr(p, "shifted_labels", False)) for p in parts]
             if len(set(shifted)) > 1:
                 raise ValueError(
@@ -602,7 +606,7 @@ class KDTADRecipe(FTRecipeInterface):
             packed = any(bool(c.get("packed", False)) for c in cfg_dataset)
             self._labels_shifted = shifted[0]
         else:
-            ds = config.instantiate(cfg_dataset, self._tokenizer)
+            ds = validated[0] if validated else config.instantiate(cfg_dataset, self._tokenizer)
             packed = bool(cfg_dataset.get("packed", False))
             self._labels_shifted = bool(getattr(ds, "shifted_labels", False))
         sampler = StatefulDistributedSampler(

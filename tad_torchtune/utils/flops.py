@@ -333,7 +333,7 @@ def measure_matmul_peak(
 def _config_loss(path: str) -> tuple[str, bool, int | None]:
     """(loss kind, fused, fused chunk size) the recipe would take for this config (its ``fused_loss: auto`` rule:
     fused for TAD and forward KL)."""
-    from tad_torchtune.eval._loading import load_config
+    from tad_torchtune.config_loader import load_config
 
     cfg = load_config(path)
     kd = cfg.get("kd_loss")
@@ -352,7 +352,7 @@ def _config_loss(path: str) -> tuple[str, bool, int | None]:
 def _load_config_models(path: str) -> tuple[Mapping[str, Any], Mapping[str, Any] | None, int | None]:
     from omegaconf import OmegaConf
 
-    from tad_torchtune.eval._loading import load_config
+    from tad_torchtune.config_loader import load_config
 
     cfg = load_config(path)  # a path or a shipped config name
     if "model" not in cfg:

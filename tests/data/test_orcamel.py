@@ -113,9 +113,6 @@ def test_truncation_is_counted_and_prompt_only_examples_are_dropped(sample_files
     assert all(len(ds[i]["tokens"]) <= max_len for i in range(len(ds)))
     assert f"{ds.num_truncated} truncated to {max_len}" in caplog.text
     # A tokenizer with its own shorter max_seq_len: the cut still happens here, and is counted.
-    from tad_torchtune.data import orcamel
-
-    orcamel._LAST_BUILD.clear()  # tokenise again rather than reuse the build above
     tok.max_seq_len = max_len
     via_tok = orcamel_dataset(tok, orca_source=orca, camel_source=camel)
     assert tok.max_seq_len == max_len and via_tok.max_seq_len == max_len
@@ -154,24 +151,14 @@ def test_generic_columns_collate_and_pack(sample_files):
         InstructionDataset(tok, [{"source": str(orca), "prompt_column": "problem", "answer_column": "answer"}])
 
 
-def test_a_second_identical_build_in_the_process_reuses_the_first(sample_files, monkeypatch):
-    from tad_torchtune.data import orcamel
-
+def test_builds_are_independent(sample_files):
+    """No module-level state: a second build tokenises afresh and sees a changed source (the recipe hands the
+    dataset validation built to setup instead: test_kd_tad.py::test_setup_reuses_what_validation_built)."""
     orca, camel = sample_files
     tok = ByteTokenizer()
     first = orcamel_dataset(tok, orca_source=orca, camel_source=camel)
-    calls = {"n": 0}
-    real = orcamel._tokenize_chunk
-
-    def counting(chunk):
-        calls["n"] += 1
-        return real(chunk)
-
-    monkeypatch.setattr(orcamel, "_tokenize_chunk", counting)
     again = orcamel_dataset(tok, orca_source=orca, camel_source=camel)
-    assert calls["n"] == 0 and [again[i] for i in range(len(again))] == [first[i] for i in range(len(first))]
-    shorter = orcamel_dataset(tok, orca_source=orca, camel_source=camel, max_seq_len=40)
-    assert calls["n"] > 0 and len(shorter) < len(first)
+    assert again is not first and [again[i] for i in range(len(again))] == [first[i] for i in range(len(first))]
     orca.write_text(orca.read_text() + json.dumps({"question": "New?", "answer": "Yes, a new row."}) + "\n")
     assert len(orcamel_dataset(tok, orca_source=orca, camel_source=camel)) == len(first) + 1
 

@@ -190,3 +190,25 @@ def test_dataset_with_shifted_labels_is_not_shifted_again(tiny_assets, tmp_path)
     recipe = run_in_process(cfg)
     assert recipe._labels_shifted
     assert _losses(recipe) == pytest.approx(RECORDED_LOSS[:2], rel=1e-6)
+
+
+BUILDS: list[str] = []
+
+
+def counting_text_dataset(tokenizer, **kwargs):
+    """torchtune's text_completion_dataset, counting its builds (for the test below)."""
+    from torchtune.datasets import text_completion_dataset
+
+    BUILDS.append(kwargs["data_files"])
+    return text_completion_dataset(tokenizer, **kwargs)
+
+
+def test_setup_reuses_what_validation_built(tiny_assets, tmp_path):
+    """The start-up validation builds tokenizer and dataset once; setup trains on those very objects (the
+    dataset used to be built twice, which a module-level cache in data/orcamel.py papered over)."""
+    BUILDS.clear()
+    cfg = tiny_cfg(tiny_assets, tmp_path / "run", max_steps_per_epoch=1)
+    cfg.dataset._component_ = f"{__name__}.counting_text_dataset"
+    recipe = run_in_process(cfg)
+    assert len(BUILDS) == 1
+    assert recipe.global_step == 1
