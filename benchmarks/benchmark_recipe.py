@@ -4,7 +4,7 @@ Configs:
   tiny  ``configs/tiny_cpu.yaml`` (qwen2 teacher 3x64 / student 2x64, byte vocabulary, batch 4, <= 48 tokens)
   mid   qwen2 student 6 layers x 512, vocab 32000; qwen2 teacher 8 layers x 512, vocab 32064; random token
         sequences of 256 (a map-style dataset in this file), batch 2; random weights saved as torchtune
-        checkpoints (teacher output weight sharpened x8 as in ``tad_torchtune.training.tiny``)
+        checkpoints (teacher output weight sharpened x8 as in ``tad_torchtune.testing.tiny``)
 
 For each config, kd_loss TADLoss (K=10, beta=2) and ForwardKLLoss, each with ``fused_loss: auto`` (fused:
 hidden states + output weights) and ``fused_loss: false`` (chunked logits), run by:
@@ -97,7 +97,7 @@ def build_config(spec: dict, assets: Path, out: Path, steps: int):
     """The recipe config for one run (tiny_cpu.yaml with overrides)."""
     from omegaconf import OmegaConf
 
-    from tad_torchtune.training.tiny import tiny_config
+    from tad_torchtune.testing.tiny import tiny_config
 
     over = {
         "kd_loss._component_": KD_COMPONENTS[spec["kd"]],
@@ -261,7 +261,7 @@ def _drive(args: argparse.Namespace, tmp: Path) -> int:
     """Writes the assets, runs every (config, kd, fused, runner) ``--reps`` times, prints and saves the table."""
     assets = {}
     if "tiny" in args.configs:
-        from tad_torchtune.training.tiny import write_tiny_assets
+        from tad_torchtune.testing.tiny import write_tiny_assets
 
         assets["tiny"] = write_tiny_assets(tmp / "tiny")
     if "mid" in args.configs:

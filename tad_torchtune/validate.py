@@ -397,7 +397,7 @@ class _Checker:
                 self.add(f"{key}.checkpoint_dir", f"{ckpt_dir} has no config.json (an HF checkpoint needs it)")
 
     def _compare_weights(self, key: str, ckpt_dir: Path, files: list[str], model: Any, meta: bool) -> None:
-        from tad_torchtune.reliability.safe_load import UnsafeCheckpointError, safe_load
+        from tad_torchtune.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 
         shapes: dict[str, tuple[int, ...]] = {}
         for name in files:
@@ -565,8 +565,8 @@ class _Checker:
 
     def resume(self) -> None:
         """Which checkpoints this run may use: its own (resume) or none (a new run in a clean folder)."""
-        from tad_torchtune.reliability.manifest import read_run_record, verify_manifest
-        from tad_torchtune.training.checkpoint import FILES, find_latest_checkpoint, list_checkpoints
+        from tad_torchtune.checkpoint.manifest import read_run_record, verify_manifest
+        from tad_torchtune.checkpoint.steps import FILES, find_latest_checkpoint, list_checkpoints
 
         resume = self.cfg.get("resume_from_checkpoint", False)
         root = Path(str(self.cfg.get("output_dir", "."))) / "checkpoints"
@@ -615,10 +615,10 @@ class _Checker:
 
     def _resume_files_and_config(self, path: Path) -> None:
         """The resume checkpoint loads without running code, and was written with the same meaning-changing keys."""
-        from tad_torchtune.reliability.manifest import read_run_record
+        from tad_torchtune.checkpoint.manifest import read_run_record
+        from tad_torchtune.checkpoint.safe_load import safe_load
+        from tad_torchtune.checkpoint.steps import FILES
         from tad_torchtune.reliability.run_identity import compare_configs
-        from tad_torchtune.reliability.safe_load import safe_load
-        from tad_torchtune.training.checkpoint import FILES
 
         recipe_state = None
         for name in FILES:  # memory-mapped weights-only loads: cheap, and a pickle payload never runs
@@ -664,7 +664,7 @@ def _vocab(model: Any) -> int | None:
 
 def _shapes_only(path: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a checkpoint file without loading its data (safetensors header / mmap'd weights-only load)."""
-    from tad_torchtune.reliability.safe_load import safe_load
+    from tad_torchtune.checkpoint.safe_load import safe_load
 
     if path.suffix == ".safetensors":
         from safetensors import safe_open

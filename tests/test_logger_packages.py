@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tad_torchtune.training.tiny import tiny_config, write_tiny_assets
+from tad_torchtune.testing.tiny import tiny_config, write_tiny_assets
 from tad_torchtune.validate import ConfigValidationError, logger_package_problems, validate_or_raise
 
 REPO = Path(__file__).resolve().parents[1]

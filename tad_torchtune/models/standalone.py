@@ -67,7 +67,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def byte_level_hf_tokenizer(bos: str = "<bos>", eos: str = "<eos>", pad: str = "<pad>"):
-    """A ``tokenizers.Tokenizer`` with the ids of :class:`tad_torchtune.training.byte_tokenizer.ByteTokenizer`:
+    """A ``tokenizers.Tokenizer`` with the ids of :class:`tad_torchtune.data.byte_tokenizer.ByteTokenizer`:
     byte ``b`` is id ``b`` (0-255), then ``bos``, ``eos``, ``pad`` (256, 257, 258).
 
     Byte-level BPE with no merges over GPT-2's byte alphabet, no regex split, so every UTF-8 byte is one token
@@ -156,7 +156,7 @@ def write_tokenizer(tokenizer: Any, out_dir: Path) -> str | None:
     """
     from tokenizers import Tokenizer
 
-    from tad_torchtune.training.byte_tokenizer import ByteTokenizer
+    from tad_torchtune.data.byte_tokenizer import ByteTokenizer
 
     if isinstance(tokenizer, ByteTokenizer):
         byte_level_hf_tokenizer().save(str(out_dir / "tokenizer.json"))

@@ -58,6 +58,14 @@ from torchtune.data import padded_collate_packed
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
+from tad_torchtune.checkpoint.manifest import read_run_record, remove_stale_partials
+from tad_torchtune.checkpoint.steps import (
+    find_latest_checkpoint,
+    load_step_checkpoint,
+    rng_state,
+    save_step_checkpoint,
+    set_rng_state,
+)
 from tad_torchtune.losses.fused_linear import (
     FusedLinearDistillationLoss,
     fused_distillation_loss,
@@ -65,15 +73,7 @@ from tad_torchtune.losses.fused_linear import (
 from tad_torchtune.losses.tad import TADLoss
 from tad_torchtune.reliability.errors import debug_requested, run_reporting
 from tad_torchtune.reliability.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
-from tad_torchtune.reliability.manifest import read_run_record, remove_stale_partials
 from tad_torchtune.reliability.run_identity import ParentWatch, RunLock, new_run_id, run_record
-from tad_torchtune.training.checkpoint import (
-    find_latest_checkpoint,
-    load_step_checkpoint,
-    rng_state,
-    save_step_checkpoint,
-    set_rng_state,
-)
 from tad_torchtune.training.loss_path import FUSED_CHUNK_SIZE, fused_blocker
 from tad_torchtune.training.outputs import (
     HiddenStateCapture,

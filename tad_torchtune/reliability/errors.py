@@ -20,9 +20,9 @@ _HINT = f"(add {DEBUG_FLAG} or set {DEBUG_ENV}=1 for the traceback)"
 
 
 def _refusal_types() -> tuple[type[BaseException], ...]:
+    from tad_torchtune.checkpoint.safe_load import UnsafeCheckpointError
     from tad_torchtune.reliability.guards import NonFiniteError
     from tad_torchtune.reliability.run_identity import LauncherGoneError, RunLockError
-    from tad_torchtune.reliability.safe_load import UnsafeCheckpointError
 
     # ValueError covers ConfigValidationError and torchtune's ConfigError; OSError covers missing files/folders.
     return ValueError, OSError, NonFiniteError, RunLockError, LauncherGoneError, UnsafeCheckpointError

@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from tad_torchtune.data import orcamel_dataset
-from tad_torchtune.training.byte_tokenizer import ByteTokenizer
-from tad_torchtune.training.tiny import tiny_config, write_tiny_assets
+from tad_torchtune.data.byte_tokenizer import ByteTokenizer
+from tad_torchtune.testing.tiny import tiny_config, write_tiny_assets
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune.data import padded_collate_sft
 
 from tad_torchtune.data import orcamel_dataset, packed_token_dataset, write_token_file
-from tad_torchtune.training.byte_tokenizer import ByteTokenizer
-from tad_torchtune.training.tiny import STUDENT_KWARGS, write_tiny_assets
+from tad_torchtune.data.byte_tokenizer import ByteTokenizer
+from tad_torchtune.testing.tiny import STUDENT_KWARGS, write_tiny_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 L = 32

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tad_torchtune.data.byte_tokenizer import ByteTokenizer
 from tad_torchtune.data.token_file import open_token_file as read_token_file
 from tad_torchtune.data.tokenize import main
 from tad_torchtune.models.standalone import byte_level_hf_tokenizer
-from tad_torchtune.training.byte_tokenizer import ByteTokenizer
 
 DOCS = ["def f(x):\n    return x", "hello world, again", "café 日本"]
 

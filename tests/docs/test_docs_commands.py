@@ -159,7 +159,7 @@ def test_every_command_is_run_or_listed_with_a_reason():
         print(f"  {u.file}:{u.line}  [{u.reason}]  {u.text.splitlines()[0][:100]}")
     assert run and all(u.reason for u in listed)
     # the offline walk-throughs are among the ones run
-    assert any("tad_torchtune.training.tiny" in u.text for u in run if u.file == "README.md")
+    assert any("tad_torchtune.testing.tiny" in u.text for u in run if u.file == "README.md")
     assert any(u.file == "docs/eval.md" and u.commands > 1 for u in run)
 
 
@@ -169,7 +169,7 @@ def test_doc_commands_run_as_written(tmp_path):
     sandbox = tmp_path / "sandbox"
     (sandbox / "tmp").mkdir(parents=True)
     (sandbox / "configs").symlink_to(REPO / "configs")
-    from tad_torchtune.training.tiny import write_tiny_assets
+    from tad_torchtune.testing.tiny import write_tiny_assets
 
     write_tiny_assets(sandbox / "tmp" / "tad_tiny")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tad_torchtune.eval.diagnostics import main
-from tad_torchtune.training.tiny import write_tiny_assets
+from tad_torchtune.testing.tiny import write_tiny_assets
 
 
 @pytest.fixture(scope="module")

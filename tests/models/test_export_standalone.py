@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 
 transformers = pytest.importorskip("transformers")
 
+from tad_torchtune.data.byte_tokenizer import ByteTokenizer  # noqa: E402
 from tad_torchtune.models import standalone  # noqa: E402
 from tad_torchtune.models.export import main as export_main  # noqa: E402
-from tad_torchtune.training.byte_tokenizer import ByteTokenizer  # noqa: E402
-from tad_torchtune.training.tiny import STUDENT_KWARGS, tiny_config, write_tiny_assets  # noqa: E402
+from tad_torchtune.testing.tiny import STUDENT_KWARGS, tiny_config, write_tiny_assets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_TASKS = REPO / "tad_torchtune" / "eval" / "tasks" / "tiny_offline"
@@ -187,7 +187,7 @@ def test_unknown_pieces_are_named_with_their_flag(tiny_run, tmp_path, capsys):
 
     # a tokenizer that cannot be converted: exported, and told which flag gives it
     cfg = OmegaConf.load(tiny_run / "torchtune_config.yaml")
-    cfg.tokenizer = {"_component_": "tad_torchtune.training.byte_tokenizer.ByteTokenizer.__str__"}
+    cfg.tokenizer = {"_component_": "tad_torchtune.data.byte_tokenizer.ByteTokenizer.__str__"}
     cfg_path = tmp_path / "cfg.yaml"
     OmegaConf.save(cfg, cfg_path)
     rc, _, err = _export(["--config", str(cfg_path), "--weights", str(weights), "--out", str(tmp_path / "y")], capsys)

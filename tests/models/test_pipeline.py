@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from tad_torchtune.models.export import load_weights
 from tad_torchtune.models.student_init import main as init_main
-from tad_torchtune.training.tiny import write_tiny_assets
+from tad_torchtune.testing.tiny import write_tiny_assets
 from tests.recipes.conftest import TINY_CONFIG, run_in_process
 
 pytestmark = pytest.mark.integration_test

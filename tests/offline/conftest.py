@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tad_torchtune.training.tiny import tiny_config, write_tiny_assets
+from tad_torchtune.testing.tiny import tiny_config, write_tiny_assets
 
 L = 16  # window length of the tests
 
@@ -24,7 +24,7 @@ def _one_thread():
 def tiny(tmp_path_factory) -> Path:
     """Tiny assets plus ``data/train.bin``: the 64-line corpus tokenised with the byte tokenizer."""
     from tad_torchtune.data import write_token_file
-    from tad_torchtune.training.byte_tokenizer import byte_tokenizer
+    from tad_torchtune.data.byte_tokenizer import byte_tokenizer
 
     root = write_tiny_assets(tmp_path_factory.mktemp("offline_assets"), seed=0, num_lines=200)
     write_token_file(

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from tad_torchtune.cli import main
 from tad_torchtune.offline import load_pass, read_manifest
-from tad_torchtune.training.tiny import TINY_CONFIG_PATH, tiny_config
+from tad_torchtune.testing.tiny import TINY_CONFIG_PATH, tiny_config
 from tests.offline.conftest import L
 
 REF = ["--reference-key", "model", "--reference-checkpointer-key", "checkpointer"]

@@ -137,7 +137,7 @@ torch.set_num_threads(1)
 from tad_torchtune.offline import WindowSource, run_pass
 from tad_torchtune.offline.miniplm import DifferenceScoreWriter
 from tad_torchtune.offline.models import load_model
-from tad_torchtune.training.tiny import tiny_config
+from tad_torchtune.testing.tiny import tiny_config
 
 tiny, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = tiny_config(tiny, tiny / "unused_out")

@@ -106,7 +106,7 @@ def test_generation_refuses_a_sequence_longer_than_the_model(models):
 
 
 def test_the_pass_writes_a_dataset_the_recipe_reads(tiny, models, tmp_path):
-    from tad_torchtune.training.byte_tokenizer import byte_tokenizer
+    from tad_torchtune.data.byte_tokenizer import byte_tokenizer
 
     prompts = _prompts(tiny)
     tok = byte_tokenizer()
@@ -133,9 +133,9 @@ def test_the_pass_writes_a_dataset_the_recipe_reads(tiny, models, tmp_path):
 def test_orcamel_prompts_end_where_the_answer_starts(tmp_path):
     import json
 
+    from tad_torchtune.data.byte_tokenizer import byte_tokenizer
     from tad_torchtune.data.orcamel import build_prompt_template, tokenize_example
     from tad_torchtune.offline.seqkd import orcamel_prompts
-    from tad_torchtune.training.byte_tokenizer import byte_tokenizer
 
     rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "Name a prime.", "answer": "7"}]
     (tmp_path / "orca.json").write_text(json.dumps(rows))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tad_torchtune.training.tiny import TINY_CONFIG_PATH as TINY_CONFIG  # noqa: F401 (re-exported)
-from tad_torchtune.training.tiny import tiny_config as tiny_cfg  # noqa: F401 (re-exported)
-from tad_torchtune.training.tiny import write_tiny_assets
+from tad_torchtune.testing.tiny import TINY_CONFIG_PATH as TINY_CONFIG  # noqa: F401 (re-exported)
+from tad_torchtune.testing.tiny import tiny_config as tiny_cfg  # noqa: F401 (re-exported)
+from tad_torchtune.testing.tiny import write_tiny_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> Path:
-    """Random tiny teacher/student checkpoints and a 64-line corpus (``tad_torchtune.training.tiny``)."""
+    """Random tiny teacher/student checkpoints and a 64-line corpus (``tad_torchtune.testing.tiny``)."""
     return write_tiny_assets(tmp_path_factory.mktemp("tiny_assets"), seed=0)
 
 

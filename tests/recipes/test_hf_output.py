@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torchtune.models.qwen2._component_builders import qwen2
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
-from tad_torchtune.training.tiny import STUDENT_KWARGS
+from tad_torchtune.testing.tiny import STUDENT_KWARGS
 from tests.recipes.conftest import run_in_process, tiny_cfg
 
 pytestmark = pytest.mark.integration_test

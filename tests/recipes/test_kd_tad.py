@@ -13,10 +13,10 @@ from torchtune.data import padded_collate_sft
 from torchtune.datasets import text_completion_dataset
 from torchtune.models.qwen2._component_builders import qwen2
 
+from tad_torchtune.checkpoint.steps import find_latest_checkpoint
+from tad_torchtune.data.byte_tokenizer import ByteTokenizer
 from tad_torchtune.losses.reference import tad_reference
-from tad_torchtune.training.byte_tokenizer import ByteTokenizer
-from tad_torchtune.training.checkpoint import find_latest_checkpoint
-from tad_torchtune.training.tiny import STUDENT_KWARGS, TEACHER_KWARGS
+from tad_torchtune.testing.tiny import STUDENT_KWARGS, TEACHER_KWARGS
 from tests.recipes.conftest import read_disk_log, run_in_process, tiny_cfg
 
 pytestmark = pytest.mark.integration_test

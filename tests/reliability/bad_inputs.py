@@ -165,7 +165,7 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
         [
             "tokenize",
             "--tokenizer",
-            "tad_torchtune.training.byte_tokenizer",
+            "tad_torchtune.data.byte_tokenizer",
             "--source",
             "{W}/empty.jsonl",
             "--output",
@@ -178,7 +178,7 @@ ROWS: list[tuple[str, list[str], list[str]]] = [
         [
             "tokenize",
             "--tokenizer",
-            "tad_torchtune.training.byte_tokenizer",
+            "tad_torchtune.data.byte_tokenizer",
             "--source",
             "{W}/nope.jsonl",
             "--output",
@@ -288,8 +288,8 @@ def build_world(root: Path) -> Path:
     """Writes every file the rows refer to under ``root`` (files only: works against older checkouts too)."""
     from omegaconf import OmegaConf
 
-    from tad_torchtune.training.checkpoint import save_step_checkpoint
-    from tad_torchtune.training.tiny import write_tiny_assets
+    from tad_torchtune.checkpoint.steps import save_step_checkpoint
+    from tad_torchtune.testing.tiny import write_tiny_assets
 
     root.mkdir(parents=True, exist_ok=True)
     assets = write_tiny_assets(root / "assets", seed=0)
@@ -311,7 +311,7 @@ def build_world(root: Path) -> Path:
     # A step checkpoint whose recipe_state.pt carries a pickle payload (its manifest re-written to match).
     evil = save_step_checkpoint(root / "evil_run" / "checkpoints", 2, student, {"state": {}}, {"global_step": 2})
     torch.save({"global_step": 2, "x": _Payload(str(root / "PWNED"))}, evil / "recipe_state.pt")
-    from tad_torchtune.reliability.manifest import write_manifest
+    from tad_torchtune.checkpoint.manifest import write_manifest
 
     write_manifest(evil, 2)
     # The student with one NaN row (an id the tokenizer never emits: it would be trained and saved unnoticed).

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from tad_torchtune.reliability.manifest import MANIFEST, sha256_file, verify_manifest
-from tad_torchtune.reliability.safe_load import UnsafeCheckpointError, safe_load
-from tad_torchtune.training.checkpoint import (
+from tad_torchtune.checkpoint.manifest import MANIFEST, sha256_file, verify_manifest
+from tad_torchtune.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+from tad_torchtune.checkpoint.steps import (
     FILES,
     find_latest_checkpoint,
     list_checkpoints,
@@ -124,7 +124,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     # A step checkpoint whose recipe state was tampered with (manifest rewritten to match) is refused too.
     path = _save(tmp_path / "ckpts", 2)
     _evil(path / "recipe_state.pt", marker)
-    from tad_torchtune.reliability.manifest import write_manifest
+    from tad_torchtune.checkpoint.manifest import write_manifest
 
     write_manifest(path, 2)
     with pytest.raises(UnsafeCheckpointError):

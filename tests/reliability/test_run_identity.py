@@ -18,8 +18,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from tad_torchtune.checkpoint.manifest import read_run_record, remove_stale_partials
+from tad_torchtune.checkpoint.steps import find_latest_checkpoint, list_checkpoints, save_step_checkpoint
 from tad_torchtune.reliability.guards import NonFiniteError
-from tad_torchtune.reliability.manifest import read_run_record, remove_stale_partials
 from tad_torchtune.reliability.run_identity import (
     LauncherGoneError,
     ParentWatch,
@@ -28,7 +29,6 @@ from tad_torchtune.reliability.run_identity import (
     compare_configs,
     run_record,
 )
-from tad_torchtune.training.checkpoint import find_latest_checkpoint, list_checkpoints, save_step_checkpoint
 from tad_torchtune.validate import main as validate_main
 from tad_torchtune.validate import validate_config
 from tests.reliability.bad_inputs import hold_lock

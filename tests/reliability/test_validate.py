@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tad_torchtune.training.checkpoint import save_step_checkpoint
+from tad_torchtune.checkpoint.steps import save_step_checkpoint
 from tad_torchtune.validate import ConfigValidationError, main, validate_config
 from tests.reliability.conftest import TINY_CONFIG, tiny_cfg, tree_hash
 

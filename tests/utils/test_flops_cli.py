@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tad_torchtune.training.tiny import STUDENT_KWARGS, TEACHER_KWARGS
+from tad_torchtune.testing.tiny import STUDENT_KWARGS, TEACHER_KWARGS
 from tad_torchtune.utils.flops import estimate_flops_per_token, main
 
 

@@ -1,6 +1,6 @@
 """Tiny random teacher/student checkpoints and a small text corpus for the tiny CPU configs and tests.
 
-``python -m tad_torchtune.training.tiny DIR`` writes::
+``python -m tad_torchtune.testing.tiny DIR`` writes::
 
     DIR/teacher/model.pt   qwen2 component builder: 3 layers, dim 64, vocab 264 (extra rows are cut by the loss)
     DIR/student/model.pt   qwen2 component builder: 2 layers, dim 64, vocab 259 (= ByteTokenizer)
@@ -83,7 +83,7 @@ def tiny_config(assets_dir: str | Path, output_dir: str | Path, **overrides: Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tad_torchtune.training.tiny", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tad_torchtune.testing.tiny", description=__doc__)
     parser.add_argument("root", help="folder to write teacher/, student/ and data/ into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

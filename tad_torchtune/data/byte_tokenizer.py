@@ -71,5 +71,5 @@ class ByteTokenizer(ModelTokenizer, BaseTokenizer, Transform):
 
 
 def byte_tokenizer(max_seq_len: int | None = None) -> ByteTokenizer:
-    """Builder for configs: ``tokenizer: {_component_: tad_torchtune.training.byte_tokenizer, max_seq_len: 64}``."""
+    """Builder for configs: ``tokenizer: {_component_: tad_torchtune.data.byte_tokenizer, max_seq_len: 64}``."""
     return ByteTokenizer(max_seq_len=max_seq_len)

@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tad_torchtune.reliability.fault import fault_point
-from tad_torchtune.reliability.manifest import (
+from tad_torchtune.checkpoint.manifest import (
     newest_verified,
     read_run_record,
     remove_stale_partials,
     write_manifest,
 )
-from tad_torchtune.reliability.safe_load import safe_load
+from tad_torchtune.checkpoint.safe_load import safe_load
+from tad_torchtune.reliability.fault import fault_point
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 FILES = ("model.pt", "optimizer.pt", "recipe_state.pt")
