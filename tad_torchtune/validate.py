@@ -335,6 +335,7 @@ class _Checker:
         nodes = list(ds) if isinstance(ds, ListConfig) else [ds] if ds is not None else []
         if any(isinstance(d, DictConfig) and d.get("packed", False) for d in nodes):
             self.add("on_policy.fraction", "needs unpacked data (packed: true puts several prompts in a row)")
+            return
         if float(self.cfg.get("kd_weight", 1.0) or 0) == 0:
             self.add(
                 "on_policy.fraction",
