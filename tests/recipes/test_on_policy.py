@@ -97,6 +97,33 @@ def test_draws_are_counter_based():
     assert len({row_seed(0, 1, 0, r) for r in range(64)}) == 64
 
 
+def test_rollout_uses_no_global_rng_and_repeats_itself():
+    """OnPolicy.rollout draws from per-row generators only: the global RNG is untouched, and the same step gives
+    the same samples (what an exact resume relies on); another step gives other samples."""
+    model = _student()
+    prompts = _prompts()
+    width = max(p.numel() for p in prompts) + 2
+    tokens = torch.full((4, width), PAD)
+    labels = torch.full((4, width), -100)
+    for i, p in enumerate(prompts):
+        tokens[i, : p.numel()] = p
+        tokens[i, p.numel() : p.numel() + 2] = torch.tensor([65, EOS])
+        labels[i, p.numel() - 1 : p.numel() + 1] = torch.tensor([65, EOS])
+    settings = OnPolicySettings(fraction=1.0, max_new_tokens=6)
+    hook = OnPolicy(settings, model, None, stop_ids=[EOS], pad_id=PAD, ignore_index=-100, seed=0, max_seq_len=128)
+    before = torch.get_rng_state()
+    first = hook.rollout([{"tokens": tokens, "labels": labels}], step=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    again = hook.rollout([{"tokens": tokens, "labels": labels}], step=3)
+    other = hook.rollout([{"tokens": tokens, "labels": labels}], step=4)
+    assert torch.equal(first[0]["tokens"], again[0]["tokens"]) and torch.equal(first[0]["labels"], again[0]["labels"])
+    assert not torch.equal(first[0]["tokens"], other[0]["tokens"])
+    # prompts are kept, references replaced; the model is back in the mode it was in
+    for i, p in enumerate(prompts):
+        assert first[0]["tokens"][i, : p.numel()].tolist() == p.tolist()
+    assert not model.training
+
+
 def test_prompt_lengths_and_assembly():
     labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, 8, 9, 10], [-100] * 5])
     assert op.prompt_lengths(labels, -100).tolist() == [3, 2, 0]
