@@ -545,9 +545,9 @@ def length_problem(max_new_tokens: int, data_max_seq_len: int, model_max_seq_len
     room = model_max_seq_len - (data_max_seq_len - 1)
     fix = f"lower it to <= {room}" if room >= 1 else "lower it"
     return (
-        f"={max_new_tokens} after a prompt of up to {data_max_seq_len - 1} tokens (the data's max_seq_len "
-        f"{data_max_seq_len} - 1) makes {longest} tokens, past the models' max_seq_len {model_max_seq_len}; {fix}, "
-        "or lower the data's max_seq_len"
+        f"is {max_new_tokens}: after a prompt of up to {data_max_seq_len - 1} tokens (the data's max_seq_len "
+        f"{data_max_seq_len} - 1) that makes {longest} tokens, past the models' max_seq_len {model_max_seq_len}; "
+        f"{fix}, or lower the data's max_seq_len"
     )
 
 
