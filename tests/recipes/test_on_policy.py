@@ -329,3 +329,16 @@ def test_settings_defaults_and_one_message():
     assert OnPolicySettings.from_config(None) == OnPolicySettings()
     with pytest.raises(ValueError, match=r"on_policy.fraction .*; on_policy.top_p"):
         OnPolicySettings.from_config({"fraction": 2, "top_p": 0})
+
+
+def test_resume_refuses_a_changed_on_policy_setting_but_not_the_metric_switch():
+    from tad_torchtune.reliability.run_identity import compare_configs
+
+    old = {"batch_size": 4, "on_policy": {"fraction": 0.5, "max_new_tokens": 16, "log_teacher_logprob": True}}
+    new = {"batch_size": 4, "on_policy": {"fraction": 1.0, "max_new_tokens": 16, "log_teacher_logprob": False}}
+    refused, changed = compare_configs(old, new, 1, 1)
+    assert refused == ["on_policy.fraction: 0.5 -> 1.0"]
+    assert changed == ["on_policy.log_teacher_logprob: true -> false"]
+    # adding the section to a run that had none changes what it trains on: refused
+    refused, _ = compare_configs({"batch_size": 4}, new, 1, 1)
+    assert any(r.startswith("on_policy.fraction") for r in refused)
