@@ -52,7 +52,7 @@ RECIPE_KEYS = frozenset(
     freeze optimizer lr_scheduler gradient_accumulation_steps clip_grad_norm epochs max_steps_per_epoch
     save_every_n_steps keep_last_n_checkpoints resume_from_checkpoint enable_activation_checkpointing compile
     custom_sharded_layers metric_logger log_every_n_steps log_peak_memory_stats nonfinite_policy fused_loss
-    fused_chunk_size log_flops peak_flops progress_bar
+    fused_chunk_size log_flops peak_flops progress_bar on_policy
     """.split()
 )
 COMPONENT_KEYS = (
@@ -187,7 +187,7 @@ class _Checker:
         self.notes: list[str] = []  # accepted but worth saying (benign config changes on resume)
         self.models: dict[str, Any] = {}
         self.tokenizer = None
-        self.dataset_parts: list[Any] | None = None  # built by data(); the recipe's setup reuses them
+        self.dataset_parts: list[Any] = []  # built by data(); the recipe's setup reuses them
 
     def add(self, key: str, message: str) -> None:
         self.problems.append(Problem(key, message))
@@ -199,11 +199,12 @@ class _Checker:
             self.add("config", f"cannot resolve interpolations ({_short(err)})")
             return self.problems
         # Cheap checks first; a refused resume or folder stops before any model, tokenizer or dataset is built.
-        for step in (self.keys, self.components, self.values, self.hyperparameters, self.output_dir, self.resume):
+        cheap = (self.keys, self.components, self.values, self.hyperparameters, self.on_policy_settings)
+        for step in (*cheap, self.output_dir, self.resume):
             self._run(step)
         if any(p.key in ("output_dir", "resume_from_checkpoint") for p in self.problems):
             return self.problems
-        for step in (self.build_models, self.checkpoints, self.tokenizers, self.data):
+        for step in (self.build_models, self.checkpoints, self.tokenizers, self.data, self.on_policy_fit):
             self._run(step)
         return self.problems
 
@@ -313,6 +314,57 @@ class _Checker:
         fused = cfg.get("fused_loss", "auto")
         if str(fused).strip().lower() not in ("auto", "true", "false"):
             self.add("fused_loss", f"must be auto, true or false, got {fused!r}")
+
+    def on_policy_settings(self) -> None:
+        """The ``on_policy:`` section's values (docs/on_policy.md)."""
+        from tad_torchtune.training.on_policy import settings_problems
+
+        for key, message in settings_problems(self.cfg.get("on_policy")):
+            self.add(f"on_policy.{key}" if key else "on_policy", message)
+
+    def on_policy_fit(self) -> None:
+        """With ``on_policy.fraction`` > 0: unpacked prompt/response data, prompts + ``max_new_tokens`` within both
+        models' ``max_seq_len``, a teacher to grade the samples."""
+        from tad_torchtune.training import on_policy as op
+
+        node = self.cfg.get("on_policy")
+        if node is None or any(p.key.startswith("on_policy") for p in self.problems):
+            return
+        settings = op.OnPolicySettings.from_config(node)
+        if settings.fraction == 0:
+            return
+        ds = self.cfg.get("dataset")
+        nodes = list(ds) if isinstance(ds, ListConfig) else [ds] if ds is not None else []
+        if any(isinstance(d, DictConfig) and d.get("packed", False) for d in nodes):
+            self.add("on_policy.fraction", "needs unpacked data (packed: true puts several prompts in a row)")
+            return
+        if float(self.cfg.get("kd_weight", 1.0) or 0) == 0:
+            self.add(
+                "on_policy.fraction",
+                "needs a divergence to grade the samples; kd_weight is 0 (CE on the "
+                "student's own samples teaches nothing new)",
+            )
+        limits = [getattr(self.models.get(k), "max_seq_len", None) for k in ("model", "teacher_model")]
+        limits = [n for n in limits if isinstance(n, int)]
+        data_limits = [_get(self.cfg, "tokenizer.max_seq_len")]
+        data_limits += [d.get("max_seq_len") for d in nodes if isinstance(d, DictConfig)]
+        data_limits = [n for n in data_limits if isinstance(n, int) and n > 0]
+        if limits and data_limits:
+            problem = op.length_problem(settings.max_new_tokens, min(data_limits), min(limits))
+            if problem is not None:
+                self.add("on_policy.max_new_tokens", problem)
+        elif limits:
+            self.notes.append(
+                "on_policy: the data sets no max_seq_len, so prompt + max_new_tokens cannot be checked before the "
+                "run; generation stops at the models' max_seq_len"
+            )
+        if self.dataset_parts:
+            loss = self.cfg.get("loss")
+            ignore = int(loss.get("ignore_index", -100)) if isinstance(loss, DictConfig) else -100
+            samples = [part[i] for part in self.dataset_parts for i in range(min(len(part), 32))]
+            problem = op.prompt_mask_problem(samples, ignore)
+            if problem is not None:
+                self.add("dataset", problem)
 
     # --- models -------------------------------------------------------------------------------------
     def build_models(self) -> None:
@@ -711,7 +763,7 @@ def validate_config(
     if built is not None and not problems:
         if checker.tokenizer is not None:
             built["tokenizer"] = checker.tokenizer
-        if checker.dataset_parts is not None:
+        if checker.dataset_parts:
             built["dataset_parts"] = checker.dataset_parts
     return problems
 

@@ -37,8 +37,9 @@ BENIGN_KEYS = frozenset(
     device checkpointer progress_bar
     """.split()
 )
-# Dotted keys that may differ although their section may not (the optimizer's kind and betas may not change).
-BENIGN_PATHS = frozenset({"optimizer.lr"})
+# Dotted keys that may differ although their section may not (the optimizer's kind and betas may not change;
+# every on_policy key but the teacher log-prob metric changes what is trained on).
+BENIGN_PATHS = frozenset({"optimizer.lr", "on_policy.log_teacher_logprob"})
 # Leaf names that are only where things are written (they follow output_dir).
 BENIGN_LEAVES = frozenset({"output_dir", "log_dir"})
 

@@ -6,6 +6,7 @@
     DIR/student/model.pt   qwen2 component builder: 2 layers, dim 64, vocab 259 (= ByteTokenizer)
     DIR/data/train.jsonl   64 lines of {"text": ...}
     DIR/data/heldout.txt   256 other sentences, one paragraph each (held-out text for diagnose / Full-ECE)
+    DIR/data/qa.jsonl      64 {"question": "12+7", "answer": "19"} sums (prompt/response data, on-policy config)
 
 ``configs/tiny_cpu.yaml`` reads them through ``assets_dir=DIR``. Nothing is downloaded.
 """
@@ -49,6 +50,16 @@ def tiny_text(num_lines: int = 64, seed: int = 0) -> list[str]:
     return lines
 
 
+def tiny_sums(num_rows: int = 64, seed: int = 0) -> list[dict[str, str]]:
+    """Deterministic two-number sums as ``{"question": "12+7", "answer": "19"}`` rows (prompt/response data)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        rows.append({"question": f"{a}+{b}", "answer": str(a + b)})
+    return rows
+
+
 def write_tiny_assets(root: str | Path, seed: int = 0, num_lines: int = 64) -> Path:
     """Writes the tiny teacher, student and data under ``root`` (idempotent for a given seed)."""
     root = Path(root)
@@ -68,6 +79,10 @@ def write_tiny_assets(root: str | Path, seed: int = 0, num_lines: int = 64) -> P
     # held-out text for `tad-tune diagnose` / eval_tad's Full-ECE (docs/eval.md section 6): other sentences,
     # one paragraph each
     (root / "data" / "heldout.txt").write_text("\n\n".join(tiny_text(4 * num_lines, seed + 1)) + "\n")
+    # prompt/response pairs for configs/tiny_cpu_on_policy.yaml (on-policy distillation needs a prompt mask)
+    with open(root / "data" / "qa.jsonl", "w") as f:
+        for row in tiny_sums(num_lines, seed):
+            f.write(json.dumps(row) + "\n")
     return root
 
 

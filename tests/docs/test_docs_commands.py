@@ -35,6 +35,7 @@ RULES: list[tuple[str, str | None]] = [
         "a shipped experiment grid: hours on CPU or a GPU (tests/experiments runs a tiny grid)",
     ),
     (r"benchmarks/benchmark_offline\.py", "minutes of CPU with the demo's SmolLM2 teacher (a benchmark)"),
+    (r"benchmarks/on_policy_demo\.py", "the on-policy demo comparison: about 30 min on a CPU"),
     (r"^tad-tune plan ", None),  # memory arithmetic: runs for paper configs too
     (r"^tad-tune flops ", None),
     (
