@@ -91,7 +91,7 @@ def _draws(loss_fn, student, teacher, labels, k_max, m, reps):
 def test_sampled_tail_is_unbiased(divergence):
     """Mean over 3000 independent draws within 4 standard errors of the exact loss, and within 5 SE (Bonferroni
     over the 480 coordinates) of the exact gradient; the SEs are measured from the same draws. A wide teacher
-    (spread 1) puts most of the mass (here ~70%) in the sampled tail, so the tail term is what is tested."""
+    (spread 1) puts 45% of the mass in the sampled tail, so the tail term is what is tested."""
     student, teacher, labels = _inputs(3, spread=1.0)
     top_k, k_max, m, reps = 3, 8, 4, 3000
     live = TADLoss(top_k=top_k) if divergence == "tad" else ForwardKLLoss()
