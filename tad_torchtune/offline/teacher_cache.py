@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 FORMAT = "tad_torchtune.teacher_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+INDEX_KEY = "cache_index"  # item key added by IndexedDataset
+BATCH_KEY = "teacher_cache"  # batch key added by CacheCollate: a SparseTeacher of the batch's positions
 _FINGERPRINT_SAMPLES = 256  # sequences hashed into the corpus fingerprint (plus the count)
 _CHECKSUM_MAX_LEN = 1 << 22
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads sequence indices over seeds
@@ -438,6 +440,11 @@ class TeacherCache:
     def __len__(self) -> int:
         return int(self.manifest["num_sequences"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_open"] = {}  # open shard handles stay in their process
+        return state
+
     def _shard(self, i: int) -> Any:
         if i not in self._open:
             from safetensors import safe_open
@@ -512,3 +519,33 @@ def bytes_per_position(vocab_size: int, k_max: int, samples: int, logprob_dtype:
     id_bytes = 2 if vocab_size <= 1 << 16 else 4
     lp_bytes = 2 if logprob_dtype == "bf16" else 4
     return k_max * (id_bytes + lp_bytes) + 8 + samples * id_bytes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the recipe's side: items carry their dataset index, batches their cached rows
+class IndexedDataset(torch.utils.data.Dataset):
+    """``dataset[i]`` plus ``{INDEX_KEY: i}``: the sampler's index travels with the item to the collate."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], INDEX_KEY: int(index)}
+
+
+class CacheCollate:
+    """Wraps a collate function: strips the items' indices, collates, and adds the batch's cached rows under
+    ``BATCH_KEY`` (read and checked on the data-loading side, in CPU memory, pinned with the batch)."""
+
+    def __init__(self, collate: Callable[[list[dict]], dict[str, Any]], cache: TeacherCache):
+        self.collate = collate
+        self.cache = cache
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        indices = [it[INDEX_KEY] for it in items]
+        batch = self.collate([{k: v for k, v in it.items() if k != INDEX_KEY} for it in items])
+        batch[BATCH_KEY] = self.cache.batch(indices, batch["tokens"])
+        return batch

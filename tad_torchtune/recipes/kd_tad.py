@@ -64,7 +64,9 @@ from tad_torchtune.losses.fused_linear import (
     fused_distillation_loss,
     is_plain_projection,
 )
+from tad_torchtune.losses.sparse_teacher import SparseTeacher, SparseTeacherLoss
 from tad_torchtune.losses.tad import TADLoss
+from tad_torchtune.offline import teacher_cache as tcache
 from tad_torchtune.reliability.errors import debug_requested, run_reporting
 from tad_torchtune.reliability.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
 from tad_torchtune.reliability.manifest import read_run_record, remove_stale_partials
@@ -214,7 +216,11 @@ class KDTADRecipe(FTRecipeInterface):
         self._cosine_weight = float(cfg.get("cosine_weight", 0.0))
         if self._cosine_weight < 0:
             raise ValueError(f"cosine_weight must be >= 0, got {self._cosine_weight}")
-        self._use_teacher = self._kd_weight != 0 or self._cosine_weight != 0
+        # teacher_cache: the divergence reads cached teacher rows (docs/teacher_cache.md); no teacher is loaded.
+        self._teacher_cache_path = cfg.get("teacher_cache", None)
+        self._teacher_cache: tcache.TeacherCache | None = None
+        self._cache_loss: SparseTeacherLoss | None = None
+        self._use_teacher = (self._kd_weight != 0 and self._teacher_cache_path is None) or self._cosine_weight != 0
 
         # --- training loop ---
         self._seed = training.set_seed(seed=cfg.seed)  # cfg.seed, or the random seed drawn (same on every rank)
@@ -268,6 +274,14 @@ class KDTADRecipe(FTRecipeInterface):
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._kd_loss = config.instantiate(cfg.kd_loss) if cfg.get("kd_loss") is not None else None
         self._ignore_index, self._num_output_chunks = self._setup_loss(cfg)
+        if self._teacher_cache_path is not None and self._kd_weight != 0:
+            self._teacher_cache = tcache.TeacherCache(self._teacher_cache_path)
+            self._cache_loss = SparseTeacherLoss.like(self._kd_loss)
+            tcache.check_compatible(
+                self._teacher_cache.manifest,
+                top_k=self._cache_loss.top_k if self._cache_loss.divergence == "tad" else None,
+                temperature=self._cache_loss.temperature,
+            )
 
         self._checkpointer = None
         if cfg.get("checkpointer") is not None:
@@ -297,6 +311,9 @@ class KDTADRecipe(FTRecipeInterface):
         )
         del student_sd
 
+        if self._teacher_cache is not None:
+            emb = getattr(self._model, "tok_embeddings", None)
+            tcache.check_compatible(self._teacher_cache.manifest, vocab_size=getattr(emb, "num_embeddings", None))
         self._teacher_model = None
         if self._use_teacher:
             teacher_checkpointer = config.instantiate(cfg.teacher_checkpointer, resume_from_checkpoint=False)
@@ -369,6 +386,8 @@ class KDTADRecipe(FTRecipeInterface):
         """Why the fused loss cannot be used for this run (None when it can)."""
         if self._kd_weight == 0:
             return "kd_weight is 0 (CE only: there is no divergence to fuse)"
+        if self._teacher_cache is not None:
+            return "teacher_cache is set (the cached teacher rows meet the student's logits)"
         kd = self._kd_loss
         if not isinstance(kd, FusedLinearDistillationLoss) and type(kd) not in _FUSABLE:
             return (
@@ -584,21 +603,13 @@ class KDTADRecipe(FTRecipeInterface):
         self, cfg_dataset: DictConfig | ListConfig, shuffle: bool, batch_size: int, collate_fn: str
     ) -> tuple[StatefulDataLoader, StatefulDistributedSampler]:
         """Dataset(s) through torchtune's builders; each rank reads its share via a stateful sampler."""
-        if isinstance(cfg_dataset, ListConfig):
-            parts = [config.instantiate(c, self._tokenizer) for c in cfg_dataset]
-            shifted = [bool(getattr(p, "shifted_labels", False)) for p in parts]
-            if len(set(shifted)) > 1:
-                raise ValueError(
-                    "dataset parts disagree on shifted_labels (some return next-token labels, some unshifted); "
-                    "use datasets of one kind in one run"
-                )
-            ds = ConcatDataset(parts)
-            packed = any(bool(c.get("packed", False)) for c in cfg_dataset)
-            self._labels_shifted = shifted[0]
-        else:
-            ds = config.instantiate(cfg_dataset, self._tokenizer)
-            packed = bool(cfg_dataset.get("packed", False))
-            self._labels_shifted = bool(getattr(ds, "shifted_labels", False))
+        ds, packed, self._labels_shifted = build_dataset(cfg_dataset, self._tokenizer)
+        if self._teacher_cache is not None:
+            # The cache is keyed by dataset index: each item carries its index, the collate adds its cached rows.
+            tcache.check_compatible(
+                self._teacher_cache.manifest, num_sequences=len(ds), corpus=tcache.corpus_fingerprint(ds)
+            )
+            ds = tcache.IndexedDataset(ds)
         sampler = StatefulDistributedSampler(
             ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self._seed
         )
@@ -608,6 +619,8 @@ class KDTADRecipe(FTRecipeInterface):
             if packed
             else partial(_get_component_from_path(collate_fn), padding_idx=pad_id, ignore_idx=self._ignore_index)
         )
+        if self._teacher_cache is not None:
+            collate = tcache.CacheCollate(collate, self._teacher_cache)
         # drop_last: every rank and every step sees full micro-batches (equal work, equal shapes).
         # Pinned host batches make the copies in _prepare_batch asynchronous on CUDA (no wait on the host).
         dataloader = StatefulDataLoader(
@@ -781,7 +794,12 @@ class KDTADRecipe(FTRecipeInterface):
         )
         weighted = self._ce_weight * ce
         kd, kd_stats = zero, {}
-        if self._kd_weight != 0:
+        if self._cache_loss is not None:
+            cached = SparseTeacher(*[t.to(self._device, non_blocking=True) for t in batch[tcache.BATCH_KEY]])
+            kd = self._cache_loss(student_logits, cached, labels, normalize=False)
+            kd_stats = dict(self._cache_loss.last_stats)
+            weighted = weighted + self._kd_weight * kd
+        elif self._kd_weight != 0:
             kd = self._kd_loss(student_logits, teacher_logits, labels, normalize=False)
             kd_stats = dict(self._kd_loss.last_stats)
             weighted = weighted + self._kd_weight * kd
@@ -1020,6 +1038,24 @@ class KDTADRecipe(FTRecipeInterface):
             dist.destroy_process_group()
         if self._run_lock is not None:
             self._run_lock.release()
+
+
+def build_dataset(cfg_dataset: DictConfig | ListConfig, tokenizer: Any) -> tuple[Any, bool, bool]:
+    """The recipe's dataset (a list of parts is concatenated, in order): ``(dataset, packed, shifted_labels)``.
+
+    Shared with the teacher-cache writer, which keys its rows by this dataset's item indices.
+    """
+    if isinstance(cfg_dataset, ListConfig):
+        parts = [config.instantiate(c, tokenizer) for c in cfg_dataset]
+        shifted = [bool(getattr(p, "shifted_labels", False)) for p in parts]
+        if len(set(shifted)) > 1:
+            raise ValueError(
+                "dataset parts disagree on shifted_labels (some return next-token labels, some unshifted); "
+                "use datasets of one kind in one run"
+            )
+        return ConcatDataset(parts), any(bool(c.get("packed", False)) for c in cfg_dataset), shifted[0]
+    ds = config.instantiate(cfg_dataset, tokenizer)
+    return ds, bool(cfg_dataset.get("packed", False)), bool(getattr(ds, "shifted_labels", False))
 
 
 def _loss_weights(cfg: DictConfig) -> tuple[float, float]:
