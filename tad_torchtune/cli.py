@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "run the teacher once, write a sparse cache to train from (teacher_cache=DIR)",
     ),
+    "offline": ("tad_torchtune.offline.cli", "main", "run the teacher once: MiniPLM score/select, Seq-KD generate"),
 }
 
 

@@ -1,22 +1,17 @@
-"""A TAD-aware sparse teacher cache: format, writer and reader (maths and measurements: ``docs/teacher_cache.md``).
+"""A TAD-aware sparse teacher cache: its maths, its writer for the offline pass, its reader (``docs/teacher_cache.md``).
 
-Per position of every sequence of a dataset the cache keeps what TAD and forward KL need from the teacher
-(:class:`tad_torchtune.losses.sparse_teacher.SparseTeacher`): the top-``K_max`` ids and log-probabilities,
-the log mass and ``Σ p log p`` of the tail beyond them, and ``m`` ids drawn from that renormalised tail.
+Per position of every item of the recipe's dataset the cache keeps what TAD and forward KL need from the teacher
+(:class:`tad_torchtune.losses.sparse_teacher.SparseTeacher`): the top-``K_max`` ids and log-probabilities, the
+log mass and ``Σ p log p`` of the tail beyond them, and ``M`` ids drawn from that renormalised tail.
 
-Layout of a cache directory::
-
-    manifest.json              settings, corpus fingerprint, model hash, shard list; written last
-    shard_00000.safetensors    sequences [0, n) of the dataset; fields below, positions of all sequences
-    shard_00001.safetensors    concatenated (sequence i's rows are offsets[i]:offsets[i+1] of its shard)
-    ...
-
-Shard fields: ``top_ids [P, K_max]`` (uint16 when V <= 65536, else int32), ``top_logp [P, K_max]`` (fp32, or
-bf16 on request), ``tail_logmass [P]``, ``tail_plogp [P]`` (fp32), ``sample_ids [P, m]``, ``offsets [n + 1]``
-int64, ``checksum [n]`` int64 (of each sequence's tokens, checked when the recipe reads its rows). Every file
-is written under a temporary name and renamed when complete, so a crash never leaves a file that looks
-complete; a rerun with the same settings keeps the finished shards and writes the rest. Sampling uses one
-generator per sequence seeded from ``(seed, sequence index)``, so shards do not depend on batching or resume.
+It is written by the shared offline pass (:func:`tad_torchtune.offline.engine.run_pass`: fixed shards, atomic
+files, manifest, exact resume, ``torchrun`` sharding) with :class:`SparseTeacherWriter` over a
+:class:`DatasetSource` (instance ``i`` = item ``i`` of the dataset the recipe builds from the same config).
+Shard arrays (positions of a shard's items concatenated; ``length`` splits them): ``top_ids [P, K_max]``
+(uint16 when V <= 65536, else int32), ``top_logp [P, K_max]`` (fp32, or bf16 stored as its uint16 bits),
+``tail_logmass [P]``, ``tail_plogp [P]`` (fp32), ``sample_ids [P, M]``, ``length [n]`` and ``checksum [n]`` (of each
+item's tokens, checked when the recipe reads its rows), plus the pass's ``index [n]``. The draws of item ``i``
+come from a generator seeded by ``(seed, i)``, so shards do not depend on batching, ranks or resume.
 """
 
 from __future__ import annotations
@@ -24,26 +19,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tad_torchtune.losses.sparse_teacher import SparseTeacher
+from tad_torchtune.offline.engine import Batch
 
 log = logging.getLogger(__name__)
 
-FORMAT = "tad_torchtune.teacher_cache"
-VERSION = 1
-MANIFEST = "manifest.json"
+KIND = "teacher_cache"  # the writer's kind in the pass manifest
 INDEX_KEY = "cache_index"  # item key added by IndexedDataset
 BATCH_KEY = "teacher_cache"  # batch key added by CacheCollate: a SparseTeacher of the batch's positions
-_FINGERPRINT_SAMPLES = 256  # sequences hashed into the corpus fingerprint (plus the count)
+_FINGERPRINT_SAMPLES = 256  # items hashed into the corpus fingerprint (plus the count)
 _CHECKSUM_MAX_LEN = 1 << 22
-_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads sequence indices over seeds
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads item indices over seeds
+_FIELDS = ("top_ids", "top_logp", "tail_logmass", "tail_plogp", "sample_ids")
 
 
 class TeacherCacheError(ValueError):
@@ -140,238 +134,171 @@ def corpus_fingerprint(dataset: Any) -> str:
     also checked sequence by sequence against the batch's tokens (:func:`sequence_checksum`) as it is read.
     """
     n = len(dataset)
-    h = hashlib.sha256(f"{FORMAT}:{n}".encode())
+    h = hashlib.sha256(f"{KIND}:{n}".encode())
     step = max(1, n // _FINGERPRINT_SAMPLES)
     for i in range(0, n, step):
         item = dataset[i]
         for field in ("tokens", "labels"):
-            h.update(torch.as_tensor(item[field], dtype=torch.int64).numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_hash(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over a state dict's names, dtypes, shapes and bytes (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(field.encode() + torch.as_tensor(item.get(field, []), dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# writing
-def _id_dtype(vocab: int) -> torch.dtype:
-    return torch.uint16 if vocab <= 1 << 16 else torch.int32
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _shard_name(i: int) -> str:
-    return f"shard_{i:05d}.safetensors"
-
-
-class CacheWriter:
-    """Accumulates per-sequence records and writes fixed-size shards (``sequences_per_shard`` sequences).
-
-    ``settings`` (vocab_size, k_max, samples, seed, temperature, logprob_dtype, corpus_fingerprint,
-    num_sequences, model_hash, ...) go into the manifest. Shards already on disk from an earlier run with the
-    same settings are kept (:meth:`done_sequences` tells the caller where to start).
-    """
-
-    def __init__(self, out_dir: str | Path, settings: dict[str, Any], sequences_per_shard: int = 256):
-        self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if sequences_per_shard < 1:
-            raise ValueError(f"sequences_per_shard must be >= 1, got {sequences_per_shard}")
-        if settings["logprob_dtype"] not in ("fp32", "bf16"):
-            raise ValueError(f"logprob_dtype must be 'fp32' or 'bf16', got {settings['logprob_dtype']!r}")
-        self.settings = dict(settings, sequences_per_shard=int(sequences_per_shard))
-        self.per_shard = int(sequences_per_shard)
-        self._pending: list[tuple[int, SparseTeacher, torch.Tensor]] = []
-        started = self.out / "settings.json"
-        if (self.out / MANIFEST).exists() or (started.exists() and json.loads(started.read_text()) != self.settings):
-            raise TeacherCacheError(
-                f"{self.out} already holds a teacher cache "
-                f"{'(complete)' if (self.out / MANIFEST).exists() else 'with other settings'}; "
-                "choose another --out or delete it"
-            )
-        _atomic_write_json(started, self.settings)
-        self.shards: list[dict[str, Any]] = []
-        i = 0
-        while (self.out / _shard_name(i)).exists():  # complete shards of an interrupted run (atomic renames)
-            count = min(self.per_shard, self.settings["num_sequences"] - i * self.per_shard)
-            self.shards.append({"file": _shard_name(i), "first": i * self.per_shard, "count": count})
-            i += 1
-
-    def done_sequences(self) -> int:
-        """Sequences already in complete shards (a resumed run starts here)."""
-        return sum(s["count"] for s in self.shards)
-
-    def add(self, index: int, records: SparseTeacher, tokens: torch.Tensor) -> None:
-        """Adds sequence ``index`` (``[L, ...]`` records, ``[L]`` tokens); indices must come in order."""
-        expected = self.done_sequences() + len(self._pending)
-        if index != expected:
-            raise ValueError(f"sequence {index} added out of order (expected {expected})")
-        self._pending.append((index, SparseTeacher(*[t.detach().cpu() for t in records]), tokens.detach().cpu()))
-        if len(self._pending) == self.per_shard:
-            self._flush()
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._pending:
-            return
-        ids_dtype = _id_dtype(self.settings["vocab_size"])
-        lp_dtype = torch.bfloat16 if self.settings["logprob_dtype"] == "bf16" else torch.float32
-        recs = [r for _, r, _ in self._pending]
-        lengths = torch.tensor([r.top_ids.size(0) for r in recs])
-        fields = {
-            "top_ids": torch.cat([r.top_ids for r in recs]).to(torch.int32).to(ids_dtype),
-            "top_logp": torch.cat([r.top_logp for r in recs]).to(lp_dtype),
-            "tail_logmass": torch.cat([r.tail_logmass for r in recs]).float(),
-            "tail_plogp": torch.cat([r.tail_plogp for r in recs]).float(),
-            "sample_ids": torch.cat([r.sample_ids for r in recs]).to(torch.int32).to(ids_dtype),
-            "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
-            "checksum": torch.stack([sequence_checksum(t) for _, _, t in self._pending]),
-        }
-        i = len(self.shards)
-        path = self.out / _shard_name(i)
-        tmp = path.with_name(path.name + ".partial")
-        save_file({k: v.contiguous() for k, v in fields.items()}, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self.shards.append({"file": path.name, "first": self._pending[0][0], "count": len(self._pending)})
-        self._pending = []
-
-    def finish(self) -> Path:
-        """Writes the last shard and the manifest (last, atomically); returns the manifest's path."""
-        self._flush()
-        if self.done_sequences() != self.settings["num_sequences"]:
-            raise ValueError(f"cache holds {self.done_sequences()} of {self.settings['num_sequences']} sequences")
-        positions = 0
-        for s in self.shards:
-            from safetensors import safe_open
-
-            with safe_open(str(self.out / s["file"]), framework="pt") as f:
-                s["positions"] = int(f.get_slice("offsets")[-1:][0])
-                positions += s["positions"]
-            s["bytes"] = (self.out / s["file"]).stat().st_size
-        manifest = dict(self.settings, format=FORMAT, version=VERSION, completed=True, shards=self.shards)
-        manifest["num_positions"] = positions
-        manifest["bytes"] = sum(s["bytes"] for s in self.shards)
-        path = self.out / MANIFEST
-        _atomic_write_json(path, manifest)
-        (self.out / "settings.json").unlink(missing_ok=True)
-        return path
-
-
-def write_teacher_cache(
-    teacher: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    dataset: Any,
-    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
-    out_dir: str | Path,
-    *,
-    vocab_size: int,
-    k_max: int,
-    samples: int,
-    seed: int = 0,
-    temperature: float = 1.0,
-    batch_size: int = 8,
-    sequences_per_shard: int = 256,
-    logprob_dtype: str = "fp32",
-    model_id: str = "",
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> Path:
-    """Single-process writer: runs ``teacher`` over every item of ``dataset`` in index order and writes a cache.
+# writing: a source and a writer for the shared offline pass
+class DatasetSource:
+    """The recipe's dataset as instances of the offline pass: instance ``i`` is item ``i``'s ``tokens``.
 
     Args:
-        teacher: ``batch -> [B, S, V_T]`` logits (a model's forward on ``tokens`` and its ``mask``/``input_pos``).
-        dataset: map-style, items with ``tokens`` (and ``labels``); the cache is keyed by its item indices.
-        collate: items -> a batch dict with ``tokens [B, S]`` (right-padded).
-        out_dir: the cache directory (resumed when it holds complete shards of the same settings).
-        vocab_size, k_max, samples, seed, temperature, sequences_per_shard, logprob_dtype: see the module and
-            :func:`records_from_logits`.
-        model_id: the teacher's identity for the manifest (:func:`model_hash`).
-
-    Returns:
-        Path: the manifest.
+        dataset: map-style, items with ``tokens`` (and ``labels``), e.g. from
+            ``tad_torchtune.recipes.kd_tad.build_dataset`` on the training config.
+        description (dict | None): recorded in the manifest (e.g. the dataset config).
     """
-    n = len(dataset)
-    settings = {
-        "vocab_size": int(vocab_size),
-        "k_max": int(k_max),
-        "samples": int(samples),
-        "seed": int(seed),
-        "temperature": float(temperature),
-        "logprob_dtype": logprob_dtype,
-        "num_sequences": n,
-        "corpus_fingerprint": corpus_fingerprint(dataset),
-        "model_hash": model_id,
-    }
-    writer = CacheWriter(out_dir, settings, sequences_per_shard)
-    start = writer.done_sequences()
-    if start:
-        log.info(f"teacher cache: resuming after {start} sequences in complete shards")
-    t0, tokens_done = time.perf_counter(), 0
-    from tqdm import tqdm
 
-    bar = tqdm(total=n, initial=start, unit="seq", disable=not progress)
-    for first in range(start, n, batch_size):
-        idx = list(range(first, min(first + batch_size, n)))
-        items = [dataset[i] for i in idx]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(items).items()}
-        with torch.no_grad():
-            logits = teacher(batch)
-        for row, (i, item) in enumerate(zip(idx, items, strict=True)):
-            length = len(item["tokens"])
-            g = sequence_generator(seed, i, logits.device)
-            recs = records_from_logits(logits[row, :length], k_max, samples, g, temperature, vocab_size)
-            writer.add(i, recs, batch["tokens"][row, :length])
-            tokens_done += length
-        bar.update(len(idx))
-        bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
-    bar.close()
-    return writer.finish()
+    def __init__(self, dataset: Any, description: dict[str, Any] | None = None):
+        self.dataset = dataset
+        self.description = dict(description or {})
+        self._fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, index: int) -> np.ndarray:
+        return np.asarray(self.dataset[index]["tokens"], dtype=np.int64)
+
+    def identity(self) -> dict[str, Any]:
+        if self._fingerprint is None:
+            self._fingerprint = corpus_fingerprint(self.dataset)
+        return {
+            "kind": "recipe_dataset",
+            "fingerprint": self._fingerprint,
+            "num_instances": len(self),
+            **self.description,
+        }
+
+
+def _id_dtype(vocab: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab <= 1 << 16 else np.dtype(np.int32)
+
+
+class SparseTeacherWriter:
+    """Offline-pass writer (``kind = "teacher_cache"``): per position, the records of :func:`records_from_logits`.
+
+    Args:
+        forward: ``tokens [B, T] -> logits [B, T, V_T]`` (the teacher; e.g. ``offline.models.logits_of``).
+        model_identity (dict): the teacher's fingerprint and description (recorded, part of the identity).
+        vocab_size (int): the student's V (the teacher's extra rows are cut).
+        k_max (int), samples (int), seed (int), temperature (float): see :func:`records_from_logits`.
+        logprob_dtype (str): ``"fp32"`` (exact) or ``"bf16"`` (half the bytes, rounded; docs/teacher_cache.md).
+    """
+
+    kind = KIND
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        model_identity: dict[str, Any],
+        *,
+        vocab_size: int,
+        k_max: int,
+        samples: int,
+        seed: int = 0,
+        temperature: float = 1.0,
+        logprob_dtype: str = "fp32",
+    ):
+        if logprob_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"logprob_dtype must be 'fp32' or 'bf16', got {logprob_dtype!r}")
+        if not 1 <= k_max <= vocab_size:
+            raise ValueError(f"k_max={k_max} must be in [1, V={vocab_size}]")
+        if (k_max < vocab_size) != (samples >= 1) or samples < 0:
+            raise ValueError(
+                f"samples={samples} with k_max={k_max} and V={vocab_size}: the tail beyond k_max needs at least one "
+                "draw, and k_max = V leaves none (samples=0)"
+            )
+        self.forward = forward
+        self.settings = {
+            "vocab_size": int(vocab_size),
+            "k_max": int(k_max),
+            "samples": int(samples),
+            "seed": int(seed),
+            "temperature": float(temperature),
+            "logprob_dtype": logprob_dtype,
+            "teacher": dict(model_identity),
+        }
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def records(self, batch: Batch) -> dict[str, np.ndarray]:
+        s = self.settings
+        logits = self.forward(batch.tokens)
+        lengths = batch.lengths.tolist()
+        ids_dtype = _id_dtype(s["vocab_size"])
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in _FIELDS}
+        sums = []
+        for row, (index, length) in enumerate(zip(batch.indices.tolist(), lengths, strict=True)):
+            g = sequence_generator(s["seed"], index, logits.device)
+            rec = records_from_logits(
+                logits[row, :length], s["k_max"], s["samples"], g, s["temperature"], s["vocab_size"]
+            )
+            for name, value in zip(_FIELDS, rec, strict=True):
+                value = value.cpu()
+                if name in ("top_ids", "sample_ids"):
+                    parts[name].append(value.numpy().astype(ids_dtype))
+                elif name == "top_logp" and s["logprob_dtype"] == "bf16":
+                    parts[name].append(value.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+                else:
+                    parts[name].append(value.float().numpy())
+            sums.append(int(sequence_checksum(batch.tokens[row, :length].cpu())))
+        out = {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+        out["length"] = np.asarray(lengths, dtype=np.int64)
+        out["checksum"] = np.asarray(sums, dtype=np.int64)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------
 # reading
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a complete cache directory.
+    """The settings of a complete cache folder: the writer's settings (``vocab_size``, ``k_max``, ``samples``,
+    ``seed``, ``temperature``, ``logprob_dtype``, ``teacher``) plus ``num_sequences``, ``corpus_fingerprint``,
+    ``shard_size``, ``num_shards``, ``identity_hash`` from the pass manifest.
 
     Raises:
-        TeacherCacheError: missing directory, no manifest (never written or interrupted), foreign format.
+        TeacherCacheError: missing folder, no manifest, an unfinished pass, another writer's pass, a missing shard.
     """
+    from tad_torchtune.offline import engine
+
     root = Path(path)
     if not root.is_dir():
         raise TeacherCacheError(
             f"teacher_cache={str(path)!r} is not a directory; write one with tad-tune teacher-cache"
         )
-    mpath = root / MANIFEST
-    if not mpath.exists():
-        hint = (
-            " (an interrupted write: rerun the same command to finish it)" if (root / "settings.json").exists() else ""
-        )
-        raise TeacherCacheError(f"teacher_cache={str(path)!r} has no {MANIFEST}{hint}")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as err:
-        raise TeacherCacheError(f"{mpath} is not valid JSON ({err})") from None
-    if manifest.get("format") != FORMAT or not manifest.get("completed"):
-        raise TeacherCacheError(f"{mpath} is not a complete {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise TeacherCacheError(f"{mpath} has format version {manifest.get('version')}; this version reads {VERSION}")
-    for s in manifest["shards"]:
-        if not (root / s["file"]).exists():
-            raise TeacherCacheError(f"teacher cache {root} lists {s['file']}, which is missing")
-    return manifest
+        manifest = engine.read_manifest(root)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as err:
+        raise TeacherCacheError(f"teacher_cache={str(path)!r}: {err}") from None
+    identity = manifest.get("identity", {})
+    if identity.get("writer") != KIND:
+        raise TeacherCacheError(
+            f"teacher_cache={str(path)!r} holds an offline pass of kind {identity.get('writer')!r}, not a teacher cache"
+        )
+    if not manifest.get("complete"):
+        missing = [i for i in range(manifest["num_shards"]) if not engine.shard_path(root, i).is_file()]
+        raise TeacherCacheError(
+            f"teacher_cache={str(path)!r} is not complete ({len(missing)} of {manifest['num_shards']} shards missing): "
+            "rerun the same tad-tune teacher-cache command to finish it"
+        )
+    for i in range(manifest["num_shards"]):
+        if not engine.shard_path(root, i).is_file():
+            raise TeacherCacheError(f"teacher cache {root}: shard {i} is missing")
+    source = identity["source"]
+    return {
+        **identity["writer_settings"],
+        "num_sequences": int(identity["num_instances"]),
+        "corpus_fingerprint": source.get("fingerprint"),
+        "shard_size": int(identity["shard_size"]),
+        "num_shards": int(manifest["num_shards"]),
+        "identity_hash": manifest["identity_hash"],
+    }
 
 
 def check_compatible(
@@ -434,7 +361,7 @@ class TeacherCache:
         self.manifest = read_manifest(self.path)
         self.k_max = int(self.manifest["k_max"])
         self.samples = int(self.manifest["samples"])
-        self._firsts = [s["first"] for s in self.manifest["shards"]]
+        self._bf16 = self.manifest["logprob_dtype"] == "bf16"
         self._open: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -445,27 +372,31 @@ class TeacherCache:
         state["_open"] = {}  # open shard handles stay in their process
         return state
 
-    def _shard(self, i: int) -> Any:
+    def _shard(self, i: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         if i not in self._open:
             from safetensors import safe_open
 
-            f = safe_open(str(self.path / self.manifest["shards"][i]["file"]), framework="pt")
-            self._open[i] = (f, f.get_tensor("offsets"), f.get_tensor("checksum"))
+            from tad_torchtune.offline.engine import shard_path
+
+            f = safe_open(str(shard_path(self.path, i)), framework="pt")
+            meta = json.loads((f.metadata() or {}).get("tad_torchtune", "{}"))
+            if meta.get("identity_hash") != self.manifest["identity_hash"]:
+                raise TeacherCacheError(f"{shard_path(self.path, i)} belongs to another pass than {self.path}")
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), f.get_tensor("length").cumsum(0)])
+            self._open[i] = (f, offsets, f.get_tensor("checksum"))
         return self._open[i]
 
     def sequence(self, index: int) -> tuple[SparseTeacher, int]:
-        """Records ``[L, ...]`` of sequence ``index`` (int64 ids, fp32 values) and its token checksum."""
+        """Records ``[L, ...]`` of item ``index`` (int64 ids, fp32 values) and its token checksum."""
         if not 0 <= index < len(self):
-            raise IndexError(f"sequence {index} out of range for a cache of {len(self)}")
-        import bisect
-
-        s = bisect.bisect_right(self._firsts, index) - 1
-        f, offsets, checksum = self._shard(s)
-        j = index - self._firsts[s]
+            raise IndexError(f"item {index} out of range for a cache of {len(self)}")
+        shard, j = divmod(index, self.manifest["shard_size"])
+        f, offsets, checksum = self._shard(shard)
         a, b = int(offsets[j]), int(offsets[j + 1])
-        rows = [f.get_slice(k)[a:b] for k in ("top_ids", "top_logp", "tail_logmass", "tail_plogp", "sample_ids")]
+        rows = [f.get_slice(k)[a:b] for k in _FIELDS]
+        logp = rows[1].view(torch.int16).view(torch.bfloat16) if self._bf16 else rows[1]
         rec = SparseTeacher(
-            rows[0].to(torch.int64), rows[1].float(), rows[2].float(), rows[3].float(), rows[4].to(torch.int64)
+            rows[0].to(torch.int64), logp.float(), rows[2].float(), rows[3].float(), rows[4].to(torch.int64)
         )
         return rec, int(checksum[j])
 
@@ -516,7 +447,7 @@ class TeacherCache:
 
 def bytes_per_position(vocab_size: int, k_max: int, samples: int, logprob_dtype: str = "fp32") -> int:
     """Bytes one position takes in a shard (ids, log-probs, the two tail scalars, the draws)."""
-    id_bytes = 2 if vocab_size <= 1 << 16 else 4
+    id_bytes = _id_dtype(vocab_size).itemsize
     lp_bytes = 2 if logprob_dtype == "bf16" else 4
     return k_max * (id_bytes + lp_bytes) + 8 + samples * id_bytes
 

@@ -320,6 +320,8 @@ class KDTADRecipe(FTRecipeInterface):
             teacher_sd = teacher_checkpointer.load_checkpoint()[training.MODEL_KEY]
             self._teacher_model = self._setup_teacher_model(cfg.teacher_model, teacher_sd)
             del teacher_sd
+        elif self._is_rank_zero and self._teacher_cache is not None:
+            log.info(f"teacher_cache={self._teacher_cache_path}: the divergence reads cached teacher rows, no teacher")
         elif self._is_rank_zero:
             log.info("kd_weight and cosine_weight are 0: training on CE only, the teacher is not loaded")
 
@@ -465,8 +467,8 @@ class KDTADRecipe(FTRecipeInterface):
         teacher = None
         if self._teacher_model is not None:
             teacher = OmegaConf.to_container(cfg.teacher_model, resolve=True)
-        if self._kd_weight == 0:
-            loss = "ce"
+        if self._kd_weight == 0 or self._teacher_cache is not None:
+            loss = "ce"  # from a teacher cache: no teacher FLOPs, and the sparse divergence is not counted
         else:
             loss = "tad" if isinstance(self._kd_loss, TADLoss) else "kl"
         try:

@@ -43,7 +43,7 @@ def test_exact_cache_run_equals_live_teacher_run(tiny_assets, tmp_path, caches):
     assert cached._teacher_model is None  # no teacher was built
     for key in ("loss", "ce_loss", "kd_loss", "grad_norm", "alpha_t_mean", "w_mean", "dkl1_mean"):
         assert _losses(cached, key) == pytest.approx(_losses(live, key), rel=2e-5), key
-    assert json.loads((caches / "exact" / "manifest.json").read_text())["samples"] == 0
+    assert tc.read_manifest(caches / "exact")["samples"] == 0
 
 
 def test_sparse_cache_run_resumes_exactly(tiny_assets, tmp_path, caches):
@@ -88,12 +88,13 @@ def test_mismatched_or_missing_cache_is_refused_before_compute(tiny_assets, tmp_
     edited = tmp_path / "edited"
     shutil.copytree(caches / "sparse", edited)
     manifest = json.loads((edited / "manifest.json").read_text())
-    (edited / "manifest.json").write_text(json.dumps(dict(manifest, vocab_size=V_STUDENT + 5)))
+    manifest["identity"]["writer_settings"]["vocab_size"] = V_STUDENT + 5
+    (edited / "manifest.json").write_text(json.dumps(manifest))
     (vocab,) = _problems(cfg(teacher_cache=str(edited)))
     assert f"vocabulary of {V_STUDENT + 5}, the student has {V_STUDENT}" in vocab
     (edited / "manifest.json").unlink()
     (incomplete,) = _problems(cfg(teacher_cache=str(edited)))
-    assert "has no manifest.json" in incomplete
+    assert "manifest.json missing" in incomplete
     # The recipe itself refuses with the same message (one ConfigValidationError, nothing trained).
     with pytest.raises(Exception, match="exceeds the cache's k_max=16"):
         run_in_process(cfg(teacher_cache=str(caches / "sparse"), **{"kd_loss.top_k": 20}))
@@ -108,35 +109,52 @@ def test_reader_refuses_rows_of_other_tokens(caches):
 
 
 def test_interrupted_write_resumes_to_identical_shards(tmp_path):
-    """A write killed after two shards resumes from them; every file equals an uninterrupted write's."""
+    """A pass killed after two shards resumes from them; every file equals an uninterrupted pass's, and the
+    reader returns each item's records as records_from_logits computes them (its own generator)."""
+    from tad_torchtune.offline.engine import run_pass
+
     g = torch.Generator().manual_seed(0)
     items = [{"tokens": torch.randint(0, 50, (int(n),), generator=g).tolist()} for n in torch.randint(3, 9, (20,))]
     items = [dict(it, labels=it["tokens"]) for it in items]
     weight = torch.randn(50, 50, generator=g)
+    calls = {"n": 0}
 
-    def collate(batch):
-        length = max(len(it["tokens"]) for it in batch)
-        return {"tokens": torch.tensor([it["tokens"] + [0] * (length - len(it["tokens"])) for it in batch])}
-
-    calls = {"n": 0, "limit": None}
-
-    def teacher(batch):
+    def teacher(tokens):
         calls["n"] += 1
-        if calls["limit"] is not None and calls["n"] > calls["limit"]:
-            raise KeyboardInterrupt
-        return weight[batch["tokens"]] * 2
+        return weight[tokens] * 2
 
-    kw = dict(vocab_size=50, k_max=5, samples=3, seed=7, batch_size=3, sequences_per_shard=4, progress=False)
-    tc.write_teacher_cache(teacher, items, collate, tmp_path / "whole", **kw)
-    calls.update(n=0, limit=3)  # 9 sequences seen: shards 0-1 complete, shard 2 pending
+    def writer(dtype="fp32"):
+        return tc.SparseTeacherWriter(teacher, {"name": "toy"}, vocab_size=50, k_max=5, samples=3, seed=7,
+                                      logprob_dtype=dtype)  # fmt: skip
+
+    kw = dict(shard_size=4, batch_size=3, progress=False)
+    run_pass(tc.DatasetSource(items), writer(), tmp_path / "whole", **kw)
+
+    def stop(shard):
+        if shard == 1:
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        tc.write_teacher_cache(teacher, items, collate, tmp_path / "resumed", **kw)
-    done = sorted(p.name for p in (tmp_path / "resumed").glob("shard_*"))
-    assert done == ["shard_00000.safetensors", "shard_00001.safetensors"]
-    calls.update(n=0, limit=None)
-    tc.write_teacher_cache(teacher, items, collate, tmp_path / "resumed", **kw)
-    assert calls["n"] == 4  # sequences 8-19 only
+        run_pass(tc.DatasetSource(items), writer(), tmp_path / "resumed", after_shard=stop, **kw)
+    with pytest.raises(tc.TeacherCacheError, match="not complete"):
+        tc.TeacherCache(tmp_path / "resumed")
+    calls["n"] = 0
+    run_pass(tc.DatasetSource(items), writer(), tmp_path / "resumed", **kw)
+    assert calls["n"] == 6  # shards 2-4 only: 3 x 2 batches
     whole = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert whole == sorted(p.name for p in (tmp_path / "resumed").iterdir())
     for name in whole:
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    cache = tc.TeacherCache(tmp_path / "resumed")
+    for i in (0, 7, 19):
+        tokens = torch.tensor(items[i]["tokens"])
+        expected = tc.records_from_logits(teacher(tokens), 5, 3, tc.sequence_generator(7, i))
+        got, checksum = cache.sequence(i)
+        assert checksum == int(tc.sequence_checksum(tokens))
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b.to(a.dtype))
+    # bf16 log-probs come back as the bf16 rounding of the fp32 ones.
+    run_pass(tc.DatasetSource(items), writer("bf16"), tmp_path / "bf16", **kw)
+    rec16, _ = tc.TeacherCache(tmp_path / "bf16").sequence(7)
+    rec32, _ = cache.sequence(7)
+    assert torch.equal(rec16.top_logp, rec32.top_logp.bfloat16().float())
