@@ -7,7 +7,8 @@ Parts (``--parts``, default all):
   loss and gradient w.r.t. the student logits from ``--draws`` independent caches against the live losses:
   relative bias of the mean (with its standard error), relative spread of one draw, gradient error of one draw
   and of the mean; a truncated top-K_max teacher (what a top-K-only cache gives) for comparison; bf16 vs fp32
-  log-probs; bytes per position of the written shards.
+  log-probs.
+- ``sizes``: bytes per position of written shards for a few (K_max, M, log-prob dtype).
 - ``write``: tokens/s of the teacher forward and of the record computation (K_max=64, M=8).
 - ``demo``: the demo's TAD run (24 steps) with the live teacher and from caches; held-out KL and tokens/s.
 
@@ -29,6 +30,7 @@ import torch
 from tad_torchtune.losses import ForwardKLLoss, TADLoss
 from tad_torchtune.losses.sparse_teacher import SparseTeacher, SparseTeacherLoss
 from tad_torchtune.offline import teacher_cache as tc
+from tad_torchtune.offline.engine import run_pass
 
 
 def _models(seq_len: int):
@@ -135,43 +137,42 @@ def part_stats(args, teacher, student, tokenizer) -> dict:
             row["record_seconds_all_draws"] = record_seconds
             out["configs"].append(row)
             print(json.dumps(row), flush=True)
+    return out
+
+
+def part_sizes(args, teacher, student, tokenizer) -> dict:
+    """Bytes per position of written shards for a few (K_max, M, log-prob dtype)."""
+    _, tokens, labels = _data(tokenizer, args.seq_len, args.sequences)
+    with torch.no_grad():
+        t_logits = teacher(tokens).float()
+    vocab = t_logits.size(-1)
     # Bytes per position, measured from written shards (positions of all sequences).
     sizes = []
     with tempfile.TemporaryDirectory() as tmp:
         items = [{"tokens": t.tolist(), "labels": lab.tolist()} for t, lab in zip(tokens, labels, strict=True)]
         logits_of = {tuple(t.tolist()): lg for t, lg in zip(tokens, t_logits, strict=True)}
 
-        def replay(batch):
-            return torch.stack([logits_of[tuple(t.tolist())] for t in batch["tokens"]])
+        def replay(batch_tokens):
+            return torch.stack([logits_of[tuple(t.tolist())] for t in batch_tokens])
 
-        def collate(batch):
-            return {"tokens": torch.tensor([it["tokens"] for it in batch])}
-
-        for k_max, m, dtype in [
-            (16, 4, "fp32"),
-            (64, 8, "fp32"),
-            (64, 8, "bf16"),
-            (256, 16, "fp32"),
-            (1024, 16, "fp32"),
-        ]:
-            path = tc.write_teacher_cache(
-                replay, items, collate, Path(tmp) / f"{k_max}_{m}_{dtype}", vocab_size=vocab, k_max=k_max,
-                samples=m, logprob_dtype=dtype, progress=False,
-            )  # fmt: skip
-            man = json.loads(path.read_text())
+        grid = [(16, 4, "fp32"), (64, 8, "fp32"), (64, 8, "bf16"), (256, 16, "fp32"), (1024, 16, "fp32")]
+        for k_max, m, dtype in grid:
+            out_dir = Path(tmp) / f"{k_max}_{m}_{dtype}"
+            writer = tc.SparseTeacherWriter(replay, {}, vocab_size=vocab, k_max=k_max, samples=m, logprob_dtype=dtype)
+            run_pass(tc.DatasetSource(items), writer, out_dir, progress=False)
+            size = sum(p.stat().st_size for p in out_dir.glob("shard_*.safetensors"))
             sizes.append(
                 {
                     "k_max": k_max,
                     "samples": m,
                     "logprob_dtype": dtype,
-                    "bytes_per_position_measured": man["bytes"] / man["num_positions"],
+                    "bytes_per_position_measured": size / labels.numel(),
                     "bytes_per_position_formula": tc.bytes_per_position(vocab, k_max, m, dtype),
                     "full_bf16_logits_bytes": 2 * vocab,
                 }
             )
-    out["sizes"] = sizes
     print(json.dumps(sizes), flush=True)
-    return out
+    return {"sizes": sizes}
 
 
 def part_write(args, teacher, student, tokenizer) -> dict:
@@ -227,21 +228,16 @@ def part_demo(args, teacher, student, tokenizer) -> dict:
         base = recipe_config(opts, "TAD", teacher_dir, student_dir, root / "run", 20)
         ds, _, _ = build_dataset(base.dataset, tokenizer)
 
-        def collate(items):
-            return {"tokens": torch.tensor([it["tokens"] for it in items])}
-
         results: dict = {"steps": opts.steps, "runs": {}, "cache_write": {}}
         for k_max, m in args.demo_caches:
             t0 = time.perf_counter()
-            man = tc.write_teacher_cache(
-                lambda b: teacher(b["tokens"]), ds, collate, root / f"cache_{k_max}_{m}", vocab_size=49152,
-                k_max=k_max, samples=m, seed=0, batch_size=4, progress=False,
-            )  # fmt: skip
-            info = json.loads(man.read_text())
+            writer = tc.SparseTeacherWriter(teacher, {}, vocab_size=49152, k_max=k_max, samples=m, seed=0)
+            out_dir = root / f"cache_{k_max}_{m}"
+            run_pass(tc.DatasetSource(ds), writer, out_dir, batch_size=4, progress=False)
             results["cache_write"][f"{k_max}/{m}"] = {
                 "seconds": time.perf_counter() - t0,
-                "positions": info["num_positions"],
-                "bytes": info["bytes"],
+                "positions": sum(len(ds[i]["tokens"]) for i in range(len(ds))),
+                "bytes": sum(p.stat().st_size for p in out_dir.glob("shard_*.safetensors")),
             }
         for name, cache in [("live", None)] + [
             (f"cache K_max={k}, M={m}", f"cache_{k}_{m}") for k, m in args.demo_caches
@@ -264,7 +260,9 @@ def part_demo(args, teacher, student, tokenizer) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", nargs="+", default=["stats", "write", "demo"], choices=["stats", "write", "demo"])
+    p.add_argument(
+        "--parts", nargs="+", default=["stats", "sizes", "write", "demo"], choices=["stats", "sizes", "write", "demo"]
+    )
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--sequences", type=int, default=4)
     p.add_argument("--draws", type=int, default=16)
@@ -280,7 +278,7 @@ def main() -> None:
     results = {"args": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()}}
     for part in args.parts:
         t0 = time.perf_counter()
-        results[part] = {"stats": part_stats, "write": part_write, "demo": part_demo}[part](
+        results[part] = {"stats": part_stats, "sizes": part_sizes, "write": part_write, "demo": part_demo}[part](
             args, teacher, student, tokenizer
         )
         results[part]["wall_seconds"] = time.perf_counter() - t0
