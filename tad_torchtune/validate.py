@@ -404,6 +404,7 @@ class _Checker:
         try:
             check_compatible(
                 self.manifest,
+                where="",
                 vocab_size=_vocab(self.models.get("model")),
                 top_k=top_k if isinstance(top_k, int) else None,
                 temperature=temperature if isinstance(temperature, int | float) else None,
@@ -571,7 +572,7 @@ class _Checker:
 
             ds = parts[0] if len(parts) == 1 else ConcatDataset(parts)
             try:
-                check_compatible(self.manifest, num_sequences=n, corpus=corpus_fingerprint(ds))
+                check_compatible(self.manifest, where="", num_sequences=n, corpus=corpus_fingerprint(ds))
             except TeacherCacheError as err:
                 self.add("teacher_cache", str(err))
         bs, accum = self.cfg.get("batch_size"), self.cfg.get("gradient_accumulation_steps")

@@ -270,21 +270,21 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     root = Path(path)
     if not root.is_dir():
         raise TeacherCacheError(
-            f"teacher_cache={str(path)!r} is not a directory; write one with tad-tune teacher-cache"
+            f"teacher cache {str(path)!r} is not a directory; write one with tad-tune teacher-cache"
         )
     try:
         manifest = engine.read_manifest(root)
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as err:
-        raise TeacherCacheError(f"teacher_cache={str(path)!r}: {err}") from None
+        raise TeacherCacheError(f"teacher cache {str(path)!r}: {err}") from None
     identity = manifest.get("identity", {})
     if identity.get("writer") != KIND:
         raise TeacherCacheError(
-            f"teacher_cache={str(path)!r} holds an offline pass of kind {identity.get('writer')!r}, not a teacher cache"
+            f"teacher cache {str(path)!r} holds an offline pass of kind {identity.get('writer')!r}, not a teacher cache"
         )
     if not manifest.get("complete"):
         missing = [i for i in range(manifest["num_shards"]) if not engine.shard_path(root, i).is_file()]
         raise TeacherCacheError(
-            f"teacher_cache={str(path)!r} is not complete ({len(missing)} of {manifest['num_shards']} shards missing): "
+            f"teacher cache {str(path)!r} is not complete ({len(missing)} of {manifest['num_shards']} shards missing): "
             "rerun the same tad-tune teacher-cache command to finish it"
         )
     for i in range(manifest["num_shards"]):
@@ -309,37 +309,37 @@ def check_compatible(
     temperature: float | None = None,
     corpus: str | None = None,
     num_sequences: int | None = None,
-    where: str = "teacher_cache",
+    where: str = "teacher_cache: ",
 ) -> None:
     """Refuses a cache that cannot serve a run (one message naming the mismatch and the fix).
 
     Raises:
         TeacherCacheError: vocabulary, K > K_max, τ, number of sequences or corpus fingerprint differ.
     """
-    fix = "write a cache for this config with tad-tune teacher-cache"
+    fix = "write a cache for this config with tad-tune teacher-cache"  # `where` prefixes every message
     if vocab_size is not None and manifest["vocab_size"] != vocab_size:
         raise TeacherCacheError(
-            f"{where}: the cache was written for a vocabulary of {manifest['vocab_size']}, the student has "
+            f"{where}the cache was written for a vocabulary of {manifest['vocab_size']}, the student has "
             f"{vocab_size}; {fix}"
         )
     if top_k is not None and top_k > manifest["k_max"]:
         raise TeacherCacheError(
-            f"{where}: kd_loss.top_k={top_k} exceeds the cache's k_max={manifest['k_max']}; lower top_k or {fix} "
-            f"with --k-max >= {top_k}"
+            f"{where}kd_loss.top_k={top_k} exceeds the cache's k_max={manifest['k_max']}; lower top_k or {fix} "
+            f"--k-max {top_k} (or more)"
         )
     if temperature is not None and abs(float(temperature) - manifest["temperature"]) > 1e-12:
         raise TeacherCacheError(
-            f"{where}: kd_loss.temperature={temperature} but the cache holds the teacher at temperature "
+            f"{where}kd_loss.temperature={temperature} but the cache holds the teacher at temperature "
             f"{manifest['temperature']}; {fix}"
         )
     if num_sequences is not None and num_sequences != manifest["num_sequences"]:
         raise TeacherCacheError(
-            f"{where}: the dataset has {num_sequences} sequences, the cache {manifest['num_sequences']}: it was "
+            f"{where}the dataset has {num_sequences} sequences, the cache {manifest['num_sequences']}: it was "
             f"written for another corpus (or max_seq_len / max_tokens); {fix}"
         )
     if corpus is not None and corpus != manifest["corpus_fingerprint"]:
         raise TeacherCacheError(
-            f"{where}: the dataset's fingerprint {corpus[:12]}... differs from the cache's "
+            f"{where}the dataset's fingerprint {corpus[:12]}... differs from the cache's "
             f"{manifest['corpus_fingerprint'][:12]}...: it was written for another corpus; {fix}"
         )
 

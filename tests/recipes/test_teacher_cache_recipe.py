@@ -100,6 +100,24 @@ def test_mismatched_or_missing_cache_is_refused_before_compute(tiny_assets, tmp_
         run_in_process(cfg(teacher_cache=str(caches / "sparse"), **{"kd_loss.top_k": 20}))
 
 
+def test_cli_refusals(tiny_assets, tmp_path):
+    args = [
+        "--config",
+        str(TINY_CONFIG_PATH),
+        "--no-progress",
+        "--out",
+        str(tmp_path / "c"),
+        f"assets_dir={tiny_assets}",
+    ]
+    with pytest.raises(ValueError, match="kd_loss.top_k=10 > --k-max=4"):
+        cache_main([*args, "--k-max", "4"])
+    with pytest.raises(ValueError, match="--samples must be >= 1"):
+        cache_main([*args, "--samples", "0"])
+    with pytest.raises(ValueError, match="dataset.packed: true is not supported"):
+        cache_main([*args, "dataset.packed=true"])
+    assert not (tmp_path / "c").exists()  # nothing written
+
+
 def test_reader_refuses_rows_of_other_tokens(caches):
     cache = tc.TeacherCache(caches / "sparse")
     rec, _ = cache.sequence(0)
@@ -153,6 +171,11 @@ def test_interrupted_write_resumes_to_identical_shards(tmp_path):
         assert checksum == int(tc.sequence_checksum(tokens))
         for a, b in zip(got, expected, strict=True):
             assert torch.equal(a, b.to(a.dtype))
+    # Two processes (each its own shards, no communication) write the same files as one.
+    for rank in (1, 0):
+        run_pass(tc.DatasetSource(items), writer(), tmp_path / "two", rank=rank, world_size=2, **kw)
+    for name in whole:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     # bf16 log-probs come back as the bf16 rounding of the fp32 ones.
     run_pass(tc.DatasetSource(items), writer("bf16"), tmp_path / "bf16", **kw)
     rec16, _ = tc.TeacherCache(tmp_path / "bf16").sequence(7)
