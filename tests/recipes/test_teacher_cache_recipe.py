@@ -34,14 +34,23 @@ def caches(tiny_assets, tmp_path_factory):
     return root
 
 
-def test_exact_cache_run_equals_live_teacher_run(tiny_assets, tmp_path, caches):
-    """K_max = V: every teacher probability is cached, so CE, TAD and the training trajectory equal the live
-    teacher's (same chunked-logits path; float rounding only)."""
-    common = dict(max_steps_per_epoch=4, fused_loss=False)
-    live = run_in_process(tiny_cfg(tiny_assets, tmp_path / "live", **common))
-    cached = run_in_process(tiny_cfg(tiny_assets, tmp_path / "cache", teacher_cache=str(caches / "exact"), **common))
+@pytest.mark.parametrize("kd_loss", ["tad_torchtune.TADLoss", "tad_torchtune.ForwardKLLoss"])
+def test_exact_cache_run_equals_live_teacher_run(tiny_assets, tmp_path, caches, kd_loss):
+    """K_max = V: every teacher probability is cached, so CE, the divergence and the training trajectory equal
+    the live teacher's (same chunked-logits path; float rounding only)."""
+    node = {"_component_": kd_loss, "num_output_chunks": 4}
+    if kd_loss.endswith("TADLoss"):
+        node.update(top_k=10, beta=2.0)
+    runs = {}
+    for name, cache in (("live", None), ("cache", str(caches / "exact"))):
+        cfg = tiny_cfg(tiny_assets, tmp_path / name, max_steps_per_epoch=4, fused_loss=False, teacher_cache=cache)
+        cfg.kd_loss = node
+        runs[name] = run_in_process(cfg)
+    live, cached = runs["live"], runs["cache"]
     assert cached._teacher_model is None  # no teacher was built
-    for key in ("loss", "ce_loss", "kd_loss", "grad_norm", "alpha_t_mean", "w_mean", "dkl1_mean"):
+    keys = ["loss", "ce_loss", "kd_loss", "grad_norm"]
+    keys += ["alpha_t_mean", "w_mean", "dkl1_mean"] if kd_loss.endswith("TADLoss") else []
+    for key in keys:
         assert _losses(cached, key) == pytest.approx(_losses(live, key), rel=2e-5), key
     assert tc.read_manifest(caches / "exact")["samples"] == 0
 
