@@ -115,8 +115,8 @@ _WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
 
 def sequence_checksum(tokens: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` (or ``[L]``) int token ids -> ``[B]`` (or 0-d) int64 weighted sums with fixed pseudo-random
-    weights: equal for equal sequences, different for a different order/window/file (no overflow for
-    ids < 2^31 and L < 2^12 ... 2^22)."""
+    weights in [1, 2^20): equal for equal sequences, different for another window, file or tokenizer (exact,
+    no overflow, for ids < 2^21 and ``L <= 2^22``)."""
     length = tokens.size(-1)
     if length > _CHECKSUM_MAX_LEN:
         raise ValueError(f"sequence of {length} tokens is longer than the checksum supports ({_CHECKSUM_MAX_LEN})")
