@@ -216,7 +216,7 @@ def part_demo(args, teacher, student, tokenizer) -> dict:
     from tad_torchtune.demo.text import heldout_batches
     from tad_torchtune.recipes.kd_tad import build_dataset, run
 
-    opts = DemoOptions()
+    opts = DemoOptions(seed=args.demo_seed)  # the seed orders the data; the cache's draws keep seed 0
     root = Path(tempfile.mkdtemp(prefix="tcache_demo_"))
     try:
         teacher_dir = convert()
@@ -228,7 +228,7 @@ def part_demo(args, teacher, student, tokenizer) -> dict:
         base = recipe_config(opts, "TAD", teacher_dir, student_dir, root / "run", 20)
         ds, _, _ = build_dataset(base.dataset, tokenizer)
 
-        results: dict = {"steps": opts.steps, "runs": {}, "cache_write": {}}
+        results: dict = {"steps": opts.steps, "seed": opts.seed, "runs": {}, "cache_write": {}}
         for k_max, m in args.demo_caches:
             t0 = time.perf_counter()
             writer = tc.SparseTeacherWriter(teacher, {}, vocab_size=49152, k_max=k_max, samples=m, seed=0)
@@ -270,6 +270,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--demo-caches", type=lambda s: tuple(int(x) for x in s.split("/")), nargs="+",
                    default=[(64, 8), (16, 2)], help="K_max/M pairs of the demo runs from a cache")  # fmt: skip
+    p.add_argument("--demo-seed", type=int, default=0, help="seed of the demo runs (data order)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
