@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from tad_torchtune.offline import teacher_cache as tc
 from tad_torchtune.offline.teacher_cache_cli import main as cache_main
 from tad_torchtune.training.tiny import TINY_CONFIG_PATH
 from tad_torchtune.validate import validate_config
-from tests.recipes.conftest import run_in_process, tiny_cfg
+from tests.recipes.conftest import read_disk_log, run_cli, run_in_process, tiny_cfg
 
 pytestmark = pytest.mark.integration_test
 
@@ -190,3 +191,29 @@ def test_interrupted_write_resumes_to_identical_shards(tmp_path):
     rec16, _ = tc.TeacherCache(tmp_path / "bf16").sequence(7)
     rec32, _ = cache.sequence(7)
     assert torch.equal(rec16.top_logp, rec32.top_logp.bfloat16().float())
+
+
+def test_two_processes_write_and_train_like_one(tiny_assets, tmp_path):
+    """Under torchrun, 2 processes write the same cache files as 1 (each its own shards), and a 2-process run
+    from the cache (each rank reads its own items' rows) equals a 1-process run with the same global batch."""
+    args = ["--config", str(TINY_CONFIG_PATH), "--k-max", "16", "--samples", "4", "--shard-size", "16"]
+    args += ["--no-progress", f"assets_dir={tiny_assets}"]
+    assert cache_main([*args, "--out", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m"]
+    run_cli([*torchrun, "tad_torchtune.cli", "teacher-cache", *args, "--out", str(tmp_path / "two")])
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(names) == 5 and names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+    common = ["max_steps_per_epoch=3", f"teacher_cache={tmp_path / 'two'}", f"assets_dir={tiny_assets}"]
+    run_cli([*torchrun, "tad_torchtune.recipes.kd_tad", "--config", str(TINY_CONFIG_PATH), "batch_size=2",
+             f"output_dir={tmp_path / 'run2'}", *common])  # fmt: skip
+    two = read_disk_log(tmp_path / "run2")
+    one = run_in_process(
+        tiny_cfg(tiny_assets, tmp_path / "run1", max_steps_per_epoch=3, teacher_cache=str(tmp_path / "one"))
+    )
+    assert len(two) == 3
+    for r, m in zip(two, one.metrics_history, strict=True):
+        for key in ("loss", "ce_loss", "kd_loss", "alpha_t_mean", "w_mean", "num_tokens", "grad_norm"):
+            assert r[key] == pytest.approx(m[key], rel=1e-5, abs=1e-6), key
