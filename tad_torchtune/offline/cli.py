@@ -74,6 +74,13 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
         p.add_argument("--top-k", type=int, default=None, help="sample among the top-k ids. Default: all")
         p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt). Default: %(default)s")
+        p.add_argument(
+            "--stop-ids",
+            type=int,
+            nargs="+",
+            default=[],
+            help="extra stop ids, e.g. the teacher's end-of-turn (Phi-3: 32007 32000); stored as the tokenizer's EOS",
+        )
     return p
 
 
@@ -128,9 +135,15 @@ def _score(args: argparse.Namespace) -> int:
     _check_positive(args, "batch_size", "shard_size", "max_windows", "max_seq_len")
     cfg = load_config(args.config, args.overrides)
     ref_cfg = load_config(args.reference_config, args.overrides) if args.reference_config else cfg
-    for c, key, what in ((cfg, args.teacher_key, "--config"), (ref_cfg, args.reference_key, "--reference-config")):
-        if c.get(key) is None:
-            raise ValueError(f"{what} has no {key!r} section: name the model section with the matching --*-key")
+    if cfg.get(args.teacher_key) is None:
+        raise ValueError(f"--config has no {args.teacher_key!r} section; name the teacher's section with --teacher-key")
+    if ref_cfg.get(args.reference_key) is None:
+        where = "--reference-config" if args.reference_config else "--config (no --reference-config given)"
+        raise ValueError(
+            f"{where} has no {args.reference_key!r} section for the reference model; give --reference-config "
+            "FILE (e.g. configs/offline/miniplm_reference_qwen_104m.yaml) or name its sections with "
+            "--reference-key and --reference-checkpointer-key"
+        )
     src = WindowSource(args.data, _max_seq_len(args, cfg), max_windows=args.max_windows)
     tokenizer = load_tokenizer(cfg) if cfg.get("tokenizer") is not None else None
     teacher = load_model(cfg, args.teacher_key, args.teacher_checkpointer_key, device=args.device, dtype=args.dtype)
@@ -200,12 +213,13 @@ def _generate(args: argparse.Namespace) -> int:
     writer = SeqKDWriter(
         teacher,
         max_new_tokens=args.max_new_tokens,
-        stop_ids=stop_ids_of(tokenizer),
+        stop_ids=stop_ids_of(tokenizer) + [i for i in args.stop_ids if i not in stop_ids_of(tokenizer)],
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
         max_prompt_tokens=args.max_prompt_tokens,
         vocab_size=tk.vocab_size(tokenizer),
+        end_id=tk.eos_id(tokenizer),
     )
     manifest = run_pass(
         src,

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -155,8 +155,7 @@ class WindowSource:
         if self._sha is None:
             self._sha = file_sha256(self.path)
         return {
-            "kind": "token_file_windows",
-            "path": str(self.path.resolve()),
+            "kind": "token_file_windows",  # the content, not the path: a moved or remounted file is the same
             "sha256": self._sha,
             "num_tokens": self.meta["num_tokens"],
             "tokenizer": self.tokenizer_fingerprint,
@@ -222,7 +221,6 @@ class Batch:
     tokens: torch.Tensor
     lengths: torch.Tensor
     pad_id: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -349,7 +347,7 @@ def _write_shard(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
     _atomic_write_bytes(path, data)
 
 
-def _prepare_folder(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+def _prepare_folder(out_dir: Path, manifest: dict[str, Any], overwrite: bool, rank: int) -> None:
     """Create the folder and manifest, or check the existing one has the same identity (else refuse)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mpath = out_dir / MANIFEST
@@ -366,8 +364,9 @@ def _prepare_folder(out_dir: Path, manifest: dict[str, Any], overwrite: bool) ->
                 f"{out_dir} holds an offline pass made with other inputs or settings ({what}); "
                 "choose another output folder or pass --overwrite (overwrite=True) to start again"
             )
-        # Only rank 0 clears (the others wait for the new manifest below): stale shards must not survive.
-        if rank_world()[0] == 0:
+        # Only rank 0 clears (stale shards must not survive); the other ranks redo any shard whose header carries
+        # the old identity. With several processes, run --overwrite once with one process first (docs/offline.md).
+        if rank == 0:
             for p in out_dir.glob("shard_*.safetensors*"):
                 p.unlink()
             mpath.unlink()
@@ -442,8 +441,10 @@ def run_pass(
         "identity_hash": ihash,
         "num_shards": num_shards,
         "complete": False,
+        # where the instances were read (not part of the identity: another mount of the same file is the same)
+        "source_path": str(Path(source.path).resolve()) if getattr(source, "path", None) else None,
     }
-    _prepare_folder(out_dir, manifest, overwrite)
+    _prepare_folder(out_dir, manifest, overwrite, rank)
 
     mine = list(range(rank, num_shards, world_size))
     todo = []

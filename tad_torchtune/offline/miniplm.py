@@ -120,18 +120,21 @@ def write_selected_token_file(
     if ident["writer"] != DifferenceScoreWriter.kind:
         raise ValueError(f"{scores_dir} holds a {ident['writer']!r} pass, not MiniPLM scores (tad-tune offline score)")
     src = ident["source"]
+    scored = manifest.get("source_path")
+    if src.get("kind") != "token_file_windows" or not scored:
+        raise ValueError(f"{scores_dir} was not scored from a token file's windows; nothing to select from")
     output = Path(output)
     if output.suffix != ".bin":
         raise ValueError(f"output {output} must end in .bin (the metadata goes next to it as .json)")
-    if Path(src["path"]).resolve() == output.resolve():
+    if Path(scored).resolve() == output.resolve():
         raise ValueError(f"output {output} is the scored corpus itself; choose another file")
     if (output.exists() or meta_path(output).exists()) and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite (overwrite=True) or choose another --output")
-    tokens, meta = open_token_file(src["path"])
+    tokens, meta = open_token_file(scored)
     from tad_torchtune.offline.engine import file_sha256
 
-    if file_sha256(src["path"]) != src["sha256"]:
-        raise ValueError(f"{src['path']} changed since it was scored in {scores_dir}; score it again")
+    if file_sha256(scored) != src["sha256"]:
+        raise ValueError(f"{scored} changed since it was scored in {scores_dir}; score it again")
     scores = load_pass(scores_dir, keys=["score"])
     kept = select_top_fraction(scores["score"][np.argsort(scores["index"])], fraction)
     L = int(src["max_seq_len"])
@@ -162,7 +165,7 @@ def write_selected_token_file(
         "tokenizer": meta["tokenizer"],
         "source": {
             "kind": "miniplm_selection",
-            "scored_file": src["path"],
+            "scored_file": scored,
             "scored_sha256": src["sha256"],
             "scores_dir": str(Path(scores_dir).resolve()),
             "scores_identity": manifest["identity_hash"],

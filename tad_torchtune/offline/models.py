@@ -86,7 +86,12 @@ def load_tokenizer(config: Any, overrides: Sequence[str] = ()) -> Any:
     from tad_torchtune.eval._loading import build_tokenizer, load_config
 
     cfg = config if isinstance(config, DictConfig) else load_config(config, overrides)
-    return build_tokenizer(cfg)
+    try:
+        return build_tokenizer(cfg)
+    except RuntimeError as err:  # sentencepiece reports a missing model file as RuntimeError("NOT_FOUND: ...")
+        if "NOT_FOUND" in str(err) or "No such file" in str(err):
+            raise FileNotFoundError(f"the config's tokenizer could not be built: {str(err).strip()}") from err
+        raise
 
 
 def model_vocab(model: torch.nn.Module) -> int:

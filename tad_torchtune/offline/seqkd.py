@@ -83,8 +83,9 @@ def generate(
         top_k (int | None): sample among the ``top_k`` most likely ids only. Default: None.
         seed (int): sampling seed; row ``j`` uses a generator seeded with ``(seed, indices[j])``. Default: 0.
         indices (Sequence[int] | None): the prompts' global ids (for the per-row seeds). Default: 0..B-1.
-        vocab_size (int | None): only ids below it are generated (a teacher's padded output rows beyond the
-            tokenizer's vocabulary are never picked). Default: None (all the model's rows).
+        vocab_size (int | None): only ids below it, and the stop ids, are generated (a teacher's padded or extra
+            output rows beyond the tokenizer's vocabulary are never picked, but its own end-of-turn token, e.g.
+            Phi-3's ``<|end|>`` = 32007 over Llama-2's 32,000 ids, still ends a row). Default: None (all rows).
 
     Returns:
         Per prompt ``(continuation int64 [n <= max_new_tokens], stopped)``.
@@ -127,7 +128,10 @@ def generate(
         for step in range(max_new_tokens):
             scores = logits.float()
             if vocab_size is not None and vocab_size < scores.shape[-1]:
+                beyond = scores[:, vocab_size:].clone()
                 scores[:, vocab_size:] = float("-inf")
+                keep = stops[(stops >= vocab_size) & (stops < scores.shape[-1])]
+                scores[:, keep] = beyond[:, keep - vocab_size]
             nxt = _pick(scores, temperature, top_k, gens)
             out[:, step] = nxt
             lengths += (~done).long()
@@ -172,8 +176,10 @@ class SeqKDWriter:
         seed (int): sampling seed. Default: 0.
         max_prompt_tokens (int | None): longer prompts keep their last ``max_prompt_tokens`` ids (so a chat
             template's assistant header stays). Default: None (no cut).
-        vocab_size (int | None): the tokenizer's vocabulary; ids at or above it are never generated.
-            Default: None.
+        vocab_size (int | None): the tokenizer's vocabulary; ids at or above it are never generated, except
+            stop ids, which are stored as ``end_id``. Default: None.
+        end_id (int | None): what a stop id beyond ``vocab_size`` is stored as (the tokenizer's EOS), so the
+            student's data holds only its own ids. Default: None (the first stop id below ``vocab_size``).
     """
 
     kind = "seqkd"
@@ -189,6 +195,7 @@ class SeqKDWriter:
         seed: int = 0,
         max_prompt_tokens: int | None = None,
         vocab_size: int | None = None,
+        end_id: int | None = None,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -205,7 +212,16 @@ class SeqKDWriter:
             "seed": int(seed) if temperature else None,
             "max_prompt_tokens": max_prompt_tokens,
             "vocab_size": vocab_size,
+            "end_id": end_id,
         }
+        if vocab_size is not None and any(i >= vocab_size for i in self.settings["stop_ids"]):
+            inside = [i for i in self.settings["stop_ids"] if i < vocab_size]
+            if end_id is None and not inside:
+                raise ValueError(
+                    f"every stop id {self.settings['stop_ids']} is beyond the vocabulary of {vocab_size}; give "
+                    "end_id (the tokenizer's EOS) to store them as"
+                )
+            self.settings["end_id"] = end_id if end_id is not None else inside[0]
 
     def identity(self) -> dict[str, Any]:
         return {"teacher": self.teacher.identity(), **self.settings}
@@ -228,6 +244,8 @@ class SeqKDWriter:
             vocab_size=s["vocab_size"],
         )
         conts = [c for c, _ in results]
+        if s["vocab_size"] is not None:  # a stop id beyond the tokenizer's vocabulary ends the row as its EOS
+            conts = [np.where(c >= s["vocab_size"], s["end_id"], c) if c.size else c for c in conts]
         plens = np.array([len(p) for p in prompts], dtype=np.int64)
         clens = np.array([len(c) for c in conts], dtype=np.int64)
         return {

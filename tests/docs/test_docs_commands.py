@@ -34,6 +34,7 @@ RULES: list[tuple[str, str | None]] = [
         r"^tad-tune experiment (run|report) (tad_vs_kd|experiments/)",
         "a shipped experiment grid: hours on CPU or a GPU (tests/experiments runs a tiny grid)",
     ),
+    (r"benchmarks/benchmark_offline\.py", "minutes of CPU with the demo's SmolLM2 teacher (a benchmark)"),
     (r"^tad-tune plan ", None),  # memory arithmetic: runs for paper configs too
     (r"^tad-tune flops ", None),
     (

@@ -117,3 +117,22 @@ def test_qwen2_reference_builder_reads_the_hf_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "llama"}))
     with pytest.raises(ValueError, match="qwen2 configs"):
         qwen2_from_hf_config(tmp_path)
+
+
+def test_selection_refuses_a_corpus_changed_since_scoring(tiny, models, tmp_path):
+    import shutil
+
+    for ext in (".bin", ".json"):
+        shutil.copy(tiny / "data" / f"train{ext}", tmp_path / f"c{ext}")
+    run_pass(
+        WindowSource(tmp_path / "c.bin", max_seq_len=L, max_windows=6),
+        DifferenceScoreWriter(*models),
+        tmp_path / "s",
+        progress=False,
+    )
+    data = bytearray((tmp_path / "c.bin").read_bytes())
+    data[10] ^= 1  # same size, other content
+    (tmp_path / "c.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="changed since it was scored"):
+        write_selected_token_file(tmp_path / "s", tmp_path / "sel.bin")
+    assert not (tmp_path / "sel.bin").exists()

@@ -85,6 +85,19 @@ def test_ids_beyond_the_tokenizer_vocabulary_are_never_generated(tiny, models):
     capped = generate(teacher, prompts, max_new_tokens=4, stop_ids=[EOS], vocab_size=259)
     plain = generate(models[0].model, prompts, max_new_tokens=4, stop_ids=[EOS], vocab_size=259)
     assert [c.tolist() for c, _ in capped] == [c.tolist() for c, _ in plain]
+    # ... unless it is a stop id (a teacher's own end-of-turn beyond the student's vocabulary): it ends the row
+    ended = generate(teacher, prompts, max_new_tokens=4, stop_ids=[EOS, 260], vocab_size=259)
+    assert all(c.tolist() == [260] and st for c, st in ended)
+    from tad_torchtune.offline.models import LoadedModel
+
+    writer = SeqKDWriter(
+        LoadedModel(teacher, "x", {}), max_new_tokens=4, stop_ids=[EOS, 260], vocab_size=259, end_id=EOS
+    )
+    src = PromptSource(prompts)
+    from tad_torchtune.offline.engine import collate
+
+    rec = writer.records(collate(src, range(len(prompts)), torch.device("cpu")))
+    assert rec["tokens"].tolist() == [EOS] * len(prompts) and rec["stopped"].all()  # stored as the student's EOS
 
 
 def test_generation_refuses_a_sequence_longer_than_the_model(models):
@@ -115,3 +128,22 @@ def test_the_pass_writes_a_dataset_the_recipe_reads(tiny, models, tmp_path):
     run_pass(other, writer, tmp_path / "b", shard_size=4, progress=False)
     with pytest.raises(ValueError, match="another tokenizer"):
         seqkd_dataset(tok, path=tmp_path / "b")
+
+
+def test_orcamel_prompts_end_where_the_answer_starts(tmp_path):
+    import json
+
+    from tad_torchtune.data.orcamel import build_prompt_template, tokenize_example
+    from tad_torchtune.offline.seqkd import orcamel_prompts
+    from tad_torchtune.training.byte_tokenizer import byte_tokenizer
+
+    rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "Name a prime.", "answer": "7"}]
+    (tmp_path / "orca.json").write_text(json.dumps(rows))
+    tok = byte_tokenizer()
+    prompts, desc = orcamel_prompts(tok, [(tmp_path / "orca.json", "question", "answer")])
+    assert len(prompts) == 2 and desc["orcamel"][0][1:] == ["question", "answer"]
+    for row, prompt in zip(rows, prompts, strict=True):
+        full, mask = tokenize_example(tok, row["question"], "xyz", build_prompt_template("qa"))
+        assert full[: len(prompt)] == prompt  # what the student sees before the answer in SFT
+        assert bytes(full[len(prompt) : len(prompt) + 3]) == b"xyz"
+        assert all(mask[: len(prompt)])  # the whole prompt is masked in SFT
