@@ -4,6 +4,7 @@ refusals before compute; the CLI writer resumes an interrupted write byte for by
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 
@@ -74,6 +75,18 @@ def test_sparse_cache_run_resumes_exactly(tiny_assets, tmp_path, caches):
         resumed = run_in_process(tiny_cfg(tiny_assets, out, resume_from_checkpoint=True, **common))
         assert _losses(resumed) == _losses(full)[k:]
         assert _losses(resumed, "grad_norm") == _losses(full, "grad_norm")[k:]
+
+
+def test_bf16_run_from_cache_is_finite_and_close(tiny_assets, tmp_path, caches):
+    """dtype: bf16 (bf16 student logits, fp32 loss maths) from the cache: finite, near the fp32 run's losses."""
+    cache = str(caches / "sparse")
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = tiny_cfg(tiny_assets, tmp_path / dtype, max_steps_per_epoch=2, dtype=dtype, teacher_cache=cache)
+        runs[dtype] = run_in_process(cfg)
+    for key in ("loss", "kd_loss", "grad_norm"):
+        assert all(math.isfinite(v) for v in _losses(runs["bf16"], key)), key
+    assert _losses(runs["bf16"], "kd_loss") == pytest.approx(_losses(runs["fp32"], "kd_loss"), rel=0.05)
 
 
 def _problems(cfg) -> list[str]:
