@@ -10,6 +10,7 @@ Parts (``--parts``, default all):
   log-probs.
 - ``sizes``: bytes per position of written shards for a few (K_max, M, log-prob dtype).
 - ``write``: tokens/s of the teacher forward and of the record computation (K_max=64, M=8).
+- ``loss``: time of the divergence alone (value and gradient), live TADLoss vs the cache's loss (K_max=64, M=8).
 - ``demo``: the demo's TAD run (24 steps) with the live teacher and from caches; held-out KL and tokens/s.
 
 Run: ``nice -n 15 python benchmarks/benchmark_teacher_cache.py --out benchmarks/results/teacher_cache_cpu.json``
@@ -208,6 +209,27 @@ class _Eval:
             self.curve.append((step, heldout_metrics(recipe.student, self.replay, self.batches)["kl"]))
 
 
+def part_loss(args, teacher, student, tokenizer) -> dict:
+    """Time of the divergence alone (value + gradient) on the same logits: live TADLoss vs the cache's loss."""
+    _, tokens, labels = _data(tokenizer, args.seq_len, args.sequences)
+    with torch.no_grad():
+        t_logits = teacher(tokens).float()
+        s_logits = student(tokens).float()
+    recs = tc.records_from_logits(t_logits, 64, 8, torch.Generator().manual_seed(0))
+    out = {"positions": int(labels.numel())}
+    for name, fn, target in [
+        ("live_tad", TADLoss(top_k=10, beta=2.0), t_logits),
+        ("cache_tad_k64_m8", SparseTeacherLoss("tad", 10, 2.0), recs),
+    ]:
+        _value_grad(fn, s_logits, target, labels)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(5):
+            _value_grad(fn, s_logits, target, labels)
+        out[f"{name}_ms"] = (time.perf_counter() - t0) / 5 * 1e3
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def part_demo(args, teacher, student, tokenizer) -> dict:
     from safetensors.torch import save_file
 
@@ -260,9 +282,8 @@ def part_demo(args, teacher, student, tokenizer) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--parts", nargs="+", default=["stats", "sizes", "write", "demo"], choices=["stats", "sizes", "write", "demo"]
-    )
+    parts = ["stats", "sizes", "write", "loss", "demo"]
+    p.add_argument("--parts", nargs="+", default=parts, choices=parts)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--sequences", type=int, default=4)
     p.add_argument("--draws", type=int, default=16)
@@ -279,9 +300,13 @@ def main() -> None:
     results = {"args": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()}}
     for part in args.parts:
         t0 = time.perf_counter()
-        results[part] = {"stats": part_stats, "sizes": part_sizes, "write": part_write, "demo": part_demo}[part](
-            args, teacher, student, tokenizer
-        )
+        results[part] = {
+            "stats": part_stats,
+            "sizes": part_sizes,
+            "write": part_write,
+            "loss": part_loss,
+            "demo": part_demo,
+        }[part](args, teacher, student, tokenizer)
         results[part]["wall_seconds"] = time.perf_counter() - t0
         if args.out:
             args.out.write_text(json.dumps(results, indent=1))

@@ -197,10 +197,12 @@ class SparseTeacherLoss(nn.Module):
         Returns:
             torch.Tensor: 0-d fp32; its gradient is computed during this call, chunk by chunk.
         """
+        full = None  # a full [B, S, V] input: its gradient goes into one buffer, not through per-chunk slice views
         if isinstance(student_logits, (list, tuple)):
             chunks = list(student_logits)
         else:
-            chunks = list(student_logits.tensor_split(min(self.num_output_chunks, student_logits.size(1)), dim=1))
+            full = student_logits
+            chunks = list(full.detach().tensor_split(min(self.num_output_chunks, full.size(1)), dim=1))
         batch, seq = labels.shape
         vocab = chunks[0].size(-1)
         k_max = teacher.top_ids.size(-1)
@@ -213,7 +215,8 @@ class SparseTeacherLoss(nn.Module):
             raise ValueError(f"top_k={self.top_k} exceeds the cache's K_max={k_max}; write a cache with k_max >= K")
         if self.divergence == "tad" and self.top_k >= vocab:
             raise ValueError(f"top_k={self.top_k} must be smaller than the vocabulary size V={vocab}")
-        need_grad = torch.is_grad_enabled() and any(c.requires_grad for c in chunks)
+        inputs = [full] if full is not None else chunks
+        need_grad = torch.is_grad_enabled() and any(c.requires_grad for c in inputs)
         with torch.no_grad():
             valid = labels != self.ignore_index
             num_valid = valid.sum().to(torch.float32)
@@ -230,29 +233,29 @@ class SparseTeacherLoss(nn.Module):
             sizes = [c.size(1) for c in chunks]
             total = torch.zeros((), device=labels.device)
             grads = []
+            full_grad = torch.empty_like(full) if (need_grad and full is not None) else None
+            start = 0
             pieces = zip(chunks, teacher.split(sizes), valid.split(sizes, 1), strict=True)
             w_pieces = weight.split(sizes, 1) if weight is not None else [None] * len(chunks)
             for (chunk, t_chunk, v_chunk), w_chunk in zip(pieces, w_pieces, strict=True):
                 flat = SparseTeacher(*[t.flatten(0, 1) for t in t_chunk])
                 w_flat = w_chunk.reshape(-1) if w_chunk is not None else None
-                value, grad, chunk_stats = self._chunk(
-                    chunk.reshape(-1, vocab).float() / self.temperature,
-                    flat,
-                    v_chunk.reshape(-1),
-                    w_flat,
-                    need_grad,
-                    scale,
-                )
+                z = chunk.reshape(-1, vocab).float()
+                z = z / self.temperature if self.temperature != 1.0 else z  # read-only in _chunk: no copy at τ = 1
+                value, grad, chunk_stats = self._chunk(z, flat, v_chunk.reshape(-1), w_flat, need_grad, scale)
                 total = total + value
                 for key, v in chunk_stats.items():
                     stats[key] = stats.get(key, 0.0) + v
-                if grad is not None:
+                if grad is not None and full_grad is not None:
+                    full_grad[:, start : start + chunk.size(1)].copy_(grad.view(chunk.shape))
+                elif grad is not None:
                     grads.append(grad.view(chunk.shape).to(chunk.dtype))
+                start += chunk.size(1)
             stats["divergence_sum"] = total
             self._last_stats = stats
             loss = total * scale
         if need_grad:
-            return _PrecomputedGrad.apply(loss, grads, *chunks)
+            return _PrecomputedGrad.apply(loss, [full_grad] if full_grad is not None else grads, *inputs)
         return loss
 
     def _chunk(
@@ -298,7 +301,7 @@ class SparseTeacherLoss(nn.Module):
 
         # TAD: α_T and w exact; α_S exact from the student as a shifted sum over the tail (as TADLoss).
         alpha_t = pt[:, k:].sum(-1) + alpha_f
-        tail_lps = log_ps.scatter(-1, idx[:, :k], _NEG_INF)
+        tail_lps = log_ps.scatter_(-1, idx[:, :k], _NEG_INF)  # in place: log p_S is not read after this
         mx = tail_lps.amax(-1)
         mx = torch.where(torch.isfinite(mx), mx, 0.0)
         q = tail_lps.sub_(mx[:, None]).exp_()  # 0 on the top-K
