@@ -11,8 +11,8 @@ file, builds the teacher from a recipe-style config through :func:`tad_torchtune
   ``--max-new-tokens`` new tokens each, batched with a KV cache; tokens/s counts generated tokens.
 
 Also the CPU seconds the process used (on a shared machine, tokens per CPU-second depends less on the other
-jobs than tokens per wall second) and the bytes written per instance. Results append to ``--out`` (CSV). Not a test: numbers depend on the
-machine and on what else runs on it.
+jobs than tokens per wall second) and the bytes written per instance. Results append to ``--out`` (CSV).
+Not a test: numbers depend on the machine and on what else runs on it.
 
     nice -n 15 python benchmarks/benchmark_offline.py --dtypes fp32 bf16
 """

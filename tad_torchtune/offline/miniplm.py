@@ -68,7 +68,7 @@ class DifferenceScoreWriter:
             "teacher_logprob": lp_t.cpu().numpy(),
             "ref_logprob": lp_r.cpu().numpy(),
             "score": score.cpu().numpy(),
-            "_tokens": np.full(len(batch.indices), 2 * labels.shape[1]),  # two models' forwards per window
+            "_tokens": np.full(len(batch.indices), labels.shape[1]),  # scored tokens (each through both models)
         }
 
 
