@@ -25,6 +25,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("tad_torchtune.models.memory_plan", "main", "per-GPU memory estimate of a config (fits on 80 GB?)"),
     "init-student": ("tad_torchtune.models.student_init", "main", "initialise a Table 8 student from its teacher"),
     "experiment": ("tad_torchtune.experiments.cli", "main", "run a seeded grid of distillation runs, report with CIs"),
+    "teacher-cache": (
+        "tad_torchtune.offline.teacher_cache_cli",
+        "main",
+        "run the teacher once, write a sparse cache to train from (teacher_cache=DIR)",
+    ),
     "offline": ("tad_torchtune.offline.cli", "main", "run the teacher once: MiniPLM score/select, Seq-KD generate"),
 }
 

@@ -15,6 +15,8 @@ thing, before a process group, a model or a dataset exists. Checks:
   exactly the model's keys and shapes;
 - tokenizers: ``teacher_tokenizer`` (when given) agrees with ``tokenizer`` on every shared id;
 - data: the dataset builds and has at least one optimizer step's worth of samples;
+- teacher cache (``teacher_cache``): a complete cache whose vocabulary, K_max, temperature, sequence count and
+  corpus fingerprint fit the run, a kd_loss it can serve (TADLoss, ForwardKLLoss), no cosine term, no fused loss;
 - output: ``output_dir`` is (or can be made) a writable folder; a new run (``resume_from_checkpoint: false``)
   is refused in a folder holding another run's checkpoints;
 - resume: the checkpoint is complete (manifest), loads without running code, belongs to one run, and was
@@ -52,7 +54,7 @@ RECIPE_KEYS = frozenset(
     freeze optimizer lr_scheduler gradient_accumulation_steps clip_grad_norm epochs max_steps_per_epoch
     save_every_n_steps keep_last_n_checkpoints resume_from_checkpoint enable_activation_checkpointing compile
     custom_sharded_layers metric_logger log_every_n_steps log_peak_memory_stats nonfinite_policy fused_loss
-    fused_chunk_size log_flops peak_flops progress_bar on_policy
+    fused_chunk_size log_flops peak_flops progress_bar on_policy teacher_cache
     """.split()
 )
 COMPONENT_KEYS = (
@@ -188,6 +190,7 @@ class _Checker:
         self.models: dict[str, Any] = {}
         self.tokenizer = None
         self.dataset_parts: list[Any] = []  # built by data(); the recipe's setup reuses them
+        self.manifest: dict[str, Any] | None = None  # of teacher_cache, once read
 
     def add(self, key: str, message: str) -> None:
         self.problems.append(Problem(key, message))
@@ -204,7 +207,14 @@ class _Checker:
             self._run(step)
         if any(p.key in ("output_dir", "resume_from_checkpoint") for p in self.problems):
             return self.problems
-        for step in (self.build_models, self.checkpoints, self.tokenizers, self.data, self.on_policy_fit):
+        for step in (
+            self.build_models,
+            self.teacher_cache,
+            self.checkpoints,
+            self.tokenizers,
+            self.data,
+            self.on_policy_fit,
+        ):
             self._run(step)
         return self.problems
 
@@ -333,6 +343,13 @@ class _Checker:
         settings = op.OnPolicySettings.from_config(node)
         if settings.fraction == 0:
             return
+        if self.cfg.get("teacher_cache") is not None:
+            self.add(
+                "on_policy.fraction",
+                "cannot be used with teacher_cache: the student's samples are new tokens no cache holds; set "
+                "on_policy.fraction: 0 or remove teacher_cache",
+            )
+            return
         ds = self.cfg.get("dataset")
         nodes = list(ds) if isinstance(ds, ListConfig) else [ds] if ds is not None else []
         if any(isinstance(d, DictConfig) and d.get("packed", False) for d in nodes):
@@ -366,6 +383,11 @@ class _Checker:
             if problem is not None:
                 self.add("dataset", problem)
 
+    def _uses_live_teacher(self) -> bool:
+        """Whether the recipe loads the teacher: a divergence without ``teacher_cache``, or a cosine term."""
+        kd = float(self.cfg.get("kd_weight", 1.0) or 0) != 0 and self.cfg.get("teacher_cache") is None
+        return kd or float(self.cfg.get("cosine_weight", 0) or 0) != 0
+
     # --- models -------------------------------------------------------------------------------------
     def build_models(self) -> None:
         import torch
@@ -387,9 +409,7 @@ class _Checker:
         student, teacher = self.models.get("model"), self.models.get("teacher_model")
         v_s = _vocab(student)
         v_t = _vocab(teacher)
-        uses_teacher = (
-            float(self.cfg.get("kd_weight", 1.0) or 0) != 0 or float(self.cfg.get("cosine_weight", 0) or 0) != 0
-        )
+        uses_teacher = self._uses_live_teacher()
         if uses_teacher and v_s is not None and v_t is not None and v_t < v_s:
             self.add(
                 "teacher_model.vocab_size",
@@ -413,11 +433,57 @@ class _Checker:
                     f"{seq} is larger than {key} supports ({key}.max_seq_len={limit}); lower it to <= {limit}",
                 )
 
+    # --- teacher cache --------------------------------------------------------------------------------
+    def teacher_cache(self) -> None:
+        """``teacher_cache``: readable, complete, and able to serve this run's kd_loss (docs/teacher_cache.md)."""
+        path = self.cfg.get("teacher_cache")
+        if path is None:
+            return
+        from torchtune.config._utils import _get_component_from_path
+
+        from tad_torchtune.losses import ForwardKLLoss, TADLoss
+        from tad_torchtune.offline.teacher_cache import TeacherCacheError, check_compatible, read_manifest
+
+        try:
+            self.manifest = read_manifest(str(path))
+        except TeacherCacheError as err:
+            self.add("teacher_cache", str(err))
+            return
+        if float(self.cfg.get("cosine_weight", 0) or 0) != 0:
+            self.add("teacher_cache", "cosine_weight needs the teacher's hidden states, which a cache does not hold")
+        if str(self.cfg.get("fused_loss", "auto")).strip().lower() == "true":
+            self.add("fused_loss", "true, but teacher_cache is set: the cached rows meet chunked logits; use auto")
+        node = self.cfg.get("kd_loss")
+        if node is None or float(self.cfg.get("kd_weight", 1.0) or 0) == 0:
+            self.notes.append("teacher_cache is set but kd_weight is 0 (or no kd_loss): the cache is not read")
+            return
+        try:
+            kind = _get_component_from_path(str(node["_component_"]))
+        except Exception:
+            return  # components() reported it
+        if not (isinstance(kind, type) and issubclass(kind, (TADLoss, ForwardKLLoss))):
+            self.add(
+                "kd_loss._component_",
+                f"{node['_component_']} with teacher_cache: a cache serves tad_torchtune.TADLoss and "
+                "tad_torchtune.ForwardKLLoss only",
+            )
+            return
+        top_k = self._component_default("kd_loss", "top_k") if issubclass(kind, TADLoss) else None
+        temperature = self._component_default("kd_loss", "temperature")
+        try:
+            check_compatible(
+                self.manifest,
+                where="",
+                vocab_size=_vocab(self.models.get("model")),
+                top_k=top_k if isinstance(top_k, int) else None,
+                temperature=temperature if isinstance(temperature, int | float) else None,
+            )
+        except TeacherCacheError as err:
+            self.add("teacher_cache", str(err))
+
     # --- checkpoints ----------------------------------------------------------------------------------
     def checkpoints(self) -> None:
-        uses_teacher = (
-            float(self.cfg.get("kd_weight", 1.0) or 0) != 0 or float(self.cfg.get("cosine_weight", 0) or 0) != 0
-        )
+        uses_teacher = self._uses_live_teacher()
         pairs = [("checkpointer", "model")] + ([("teacher_checkpointer", "teacher_model")] if uses_teacher else [])
         for key, model_key in pairs:
             node = self.cfg.get(key)
@@ -569,6 +635,16 @@ class _Checker:
         except Exception as err:
             self.add("dataset", f"cannot build the dataset ({_short(err)})")
             return
+        if getattr(self, "manifest", None) is not None and not any(p.key == "teacher_cache" for p in self.problems):
+            from torch.utils.data import ConcatDataset
+
+            from tad_torchtune.offline.teacher_cache import TeacherCacheError, check_compatible, corpus_fingerprint
+
+            ds = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+            try:
+                check_compatible(self.manifest, where="", num_sequences=n, corpus=corpus_fingerprint(ds))
+            except TeacherCacheError as err:
+                self.add("teacher_cache", str(err))
         bs, accum = self.cfg.get("batch_size"), self.cfg.get("gradient_accumulation_steps")
         if n == 0:
             self.add("dataset", "is empty (0 samples)")

@@ -70,7 +70,9 @@ from tad_torchtune.losses.fused_linear import (
     FusedLinearDistillationLoss,
     fused_distillation_loss,
 )
+from tad_torchtune.losses.sparse_teacher import SparseTeacher, SparseTeacherLoss
 from tad_torchtune.losses.tad import TADLoss
+from tad_torchtune.offline import teacher_cache as tcache
 from tad_torchtune.reliability.errors import debug_requested, run_reporting
 from tad_torchtune.reliability.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
 from tad_torchtune.reliability.run_identity import ParentWatch, RunLock, new_run_id, run_record
@@ -208,7 +210,11 @@ class KDTADRecipe(FTRecipeInterface):
         self._cosine_weight = float(cfg.get("cosine_weight", 0.0))
         if self._cosine_weight < 0:
             raise ValueError(f"cosine_weight must be >= 0, got {self._cosine_weight}")
-        self._use_teacher = self._kd_weight != 0 or self._cosine_weight != 0
+        # teacher_cache: the divergence reads cached teacher rows (docs/teacher_cache.md); no teacher is loaded.
+        self._teacher_cache_path = cfg.get("teacher_cache", None)
+        self._teacher_cache: tcache.TeacherCache | None = None
+        self._cache_loss: SparseTeacherLoss | None = None
+        self._use_teacher = (self._kd_weight != 0 and self._teacher_cache_path is None) or self._cosine_weight != 0
 
         # --- training loop ---
         self._seed = training.set_seed(seed=cfg.seed)  # cfg.seed, or the random seed drawn (same on every rank)
@@ -294,6 +300,14 @@ class KDTADRecipe(FTRecipeInterface):
         self._tokenizer = self._validated.pop("tokenizer", None) or config.instantiate(cfg.tokenizer)
         self._kd_loss = config.instantiate(cfg.kd_loss) if cfg.get("kd_loss") is not None else None
         self._ignore_index, self._num_output_chunks = self._setup_loss(cfg)
+        if self._teacher_cache_path is not None and self._kd_weight != 0:
+            self._teacher_cache = tcache.TeacherCache(self._teacher_cache_path)
+            self._cache_loss = SparseTeacherLoss.like(self._kd_loss)
+            tcache.check_compatible(
+                self._teacher_cache.manifest,
+                top_k=self._cache_loss.top_k if self._cache_loss.divergence == "tad" else None,
+                temperature=self._cache_loss.temperature,
+            )
 
         self._checkpointer = None
         if cfg.get("checkpointer") is not None:
@@ -323,12 +337,17 @@ class KDTADRecipe(FTRecipeInterface):
         )
         del student_sd
 
+        if self._teacher_cache is not None:
+            emb = getattr(self._model, "tok_embeddings", None)
+            tcache.check_compatible(self._teacher_cache.manifest, vocab_size=getattr(emb, "num_embeddings", None))
         self._teacher_model = None
         if self._use_teacher:
             teacher_checkpointer = config.instantiate(cfg.teacher_checkpointer, resume_from_checkpoint=False)
             teacher_sd = teacher_checkpointer.load_checkpoint()[training.MODEL_KEY]
             self._teacher_model = self._setup_teacher_model(cfg.teacher_model, teacher_sd)
             del teacher_sd
+        elif self._is_rank_zero and self._teacher_cache is not None:
+            log.info(f"teacher_cache={self._teacher_cache_path}: the divergence reads cached teacher rows, no teacher")
         elif self._is_rank_zero:
             log.info("kd_weight and cosine_weight are 0: training on CE only, the teacher is not loaded")
 
@@ -422,6 +441,8 @@ class KDTADRecipe(FTRecipeInterface):
 
     def _fused_blocker(self) -> str | None:
         """Why the fused loss cannot be used for this run (None when it can); see ``training/loss_path.py``."""
+        if self._teacher_cache is not None:
+            return "teacher_cache is set (the cached teacher rows meet the student's logits)"
         # The fused loss reads the student's head weight inside the root forward, where FSDP2 has unsharded the
         # root's parameters; a head that is its own FSDP unit (custom_sharded_layers) is unsharded only by its
         # own forward, which the fused path never calls, and its gradient would miss its reduce-scatter.
@@ -485,8 +506,8 @@ class KDTADRecipe(FTRecipeInterface):
         teacher = None
         if self._teacher_model is not None:
             teacher = OmegaConf.to_container(cfg.teacher_model, resolve=True)
-        if self._kd_weight == 0:
-            loss = "ce"
+        if self._kd_weight == 0 or self._teacher_cache is not None:
+            loss = "ce"  # from a teacher cache: no teacher FLOPs, and the sparse divergence is not counted
         else:
             loss = "tad" if isinstance(self._kd_loss, TADLoss) else "kl"
         try:
@@ -624,22 +645,15 @@ class KDTADRecipe(FTRecipeInterface):
     ) -> tuple[StatefulDataLoader, StatefulDistributedSampler]:
         """Dataset(s) through torchtune's builders (as validation built them, with the same tokenizer); each rank
         reads its share via a stateful sampler."""
-        validated = self._validated.pop("dataset_parts", None)
-        if isinstance(cfg_dataset, ListConfig):
-            parts = validated or [config.instantiate(c, self._tokenizer) for c in cfg_dataset]
-            shifted = [bool(getattr(p, "shifted_labels", False)) for p in parts]
-            if len(set(shifted)) > 1:
-                raise ValueError(
-                    "dataset parts disagree on shifted_labels (some return next-token labels, some unshifted); "
-                    "use datasets of one kind in one run"
-                )
-            ds = ConcatDataset(parts)
-            packed = any(bool(c.get("packed", False)) for c in cfg_dataset)
-            self._labels_shifted = shifted[0]
-        else:
-            ds = validated[0] if validated else config.instantiate(cfg_dataset, self._tokenizer)
-            packed = bool(cfg_dataset.get("packed", False))
-            self._labels_shifted = bool(getattr(ds, "shifted_labels", False))
+        ds, packed, self._labels_shifted = build_dataset(
+            cfg_dataset, self._tokenizer, parts=self._validated.pop("dataset_parts", None)
+        )
+        if self._teacher_cache is not None:
+            # The cache is keyed by dataset index: each item carries its index, the collate adds its cached rows.
+            tcache.check_compatible(
+                self._teacher_cache.manifest, num_sequences=len(ds), corpus=tcache.corpus_fingerprint(ds)
+            )
+            ds = tcache.IndexedDataset(ds)
         sampler = StatefulDistributedSampler(
             ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self._seed
         )
@@ -649,6 +663,8 @@ class KDTADRecipe(FTRecipeInterface):
             if packed
             else partial(_get_component_from_path(collate_fn), padding_idx=pad_id, ignore_idx=self._ignore_index)
         )
+        if self._teacher_cache is not None:
+            collate = tcache.CacheCollate(collate, self._teacher_cache)
         # drop_last: every rank and every step sees full micro-batches (equal work, equal shapes).
         # Pinned host batches make the copies in _prepare_batch asynchronous on CUDA (no wait on the host).
         dataloader = StatefulDataLoader(
@@ -822,7 +838,12 @@ class KDTADRecipe(FTRecipeInterface):
         )
         weighted = self._ce_weight * ce
         kd, kd_stats = zero, {}
-        if self._kd_weight != 0:
+        if self._cache_loss is not None:
+            cached = SparseTeacher(*[t.to(self._device, non_blocking=True) for t in batch[tcache.BATCH_KEY]])
+            kd = self._cache_loss(student_logits, cached, labels, normalize=False)
+            kd_stats = dict(self._cache_loss.last_stats)
+            weighted = weighted + self._kd_weight * kd
+        elif self._kd_weight != 0:
             kd = self._kd_loss(student_logits, teacher_logits, labels, normalize=False)
             kd_stats = dict(self._kd_loss.last_stats)
             weighted = weighted + self._kd_weight * kd
@@ -1070,6 +1091,27 @@ class KDTADRecipe(FTRecipeInterface):
             dist.destroy_process_group()
         if self._run_lock is not None:
             self._run_lock.release()
+
+
+def build_dataset(
+    cfg_dataset: DictConfig | ListConfig, tokenizer: Any, parts: list[Any] | None = None
+) -> tuple[Any, bool, bool]:
+    """The recipe's dataset (a list of parts is concatenated, in order): ``(dataset, packed, shifted_labels)``.
+
+    Shared with the teacher-cache writer, which keys its rows by this dataset's item indices. ``parts``: the
+    datasets already built from ``cfg_dataset`` with ``tokenizer`` (one per entry; validation's), used as they are.
+    """
+    if isinstance(cfg_dataset, ListConfig):
+        parts = parts or [config.instantiate(c, tokenizer) for c in cfg_dataset]
+        shifted = [bool(getattr(p, "shifted_labels", False)) for p in parts]
+        if len(set(shifted)) > 1:
+            raise ValueError(
+                "dataset parts disagree on shifted_labels (some return next-token labels, some unshifted); "
+                "use datasets of one kind in one run"
+            )
+        return ConcatDataset(parts), any(bool(c.get("packed", False)) for c in cfg_dataset), shifted[0]
+    ds = parts[0] if parts else config.instantiate(cfg_dataset, tokenizer)
+    return ds, bool(cfg_dataset.get("packed", False)), bool(getattr(ds, "shifted_labels", False))
 
 
 def _loss_weights(cfg: DictConfig) -> tuple[float, float]:

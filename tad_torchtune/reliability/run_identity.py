@@ -37,6 +37,7 @@ BENIGN_KEYS = frozenset(
     device checkpointer progress_bar
     """.split()
 )
+# Not benign (so refused on resume when changed): teacher_cache, whose rows are the teacher of every step.
 # Dotted keys that may differ although their section may not (the optimizer's kind and betas may not change;
 # every on_policy key but the teacher log-prob metric changes what is trained on).
 BENIGN_PATHS = frozenset({"optimizer.lr", "on_policy.log_teacher_logprob"})
