@@ -19,6 +19,16 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models gain nothing from threads, and the CI machine is shared.
+    Packages whose tests all want it request it from an autouse fixture of their own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def shared_assets() -> Path:
     """The shared assets folder; the test is skipped (with the reason) where it is absent."""
     if not SHARED_ASSETS.is_dir():

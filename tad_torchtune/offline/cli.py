@@ -128,7 +128,7 @@ def _check_corpus(src: Any, tokenizer: Any, vocabs: dict[str, int]) -> None:
 
 def _score(args: argparse.Namespace) -> int:
     from tad_torchtune.config_loader import load_config
-    from tad_torchtune.offline.engine import WindowSource, run_pass
+    from tad_torchtune.offline.engine import WindowSource
     from tad_torchtune.offline.miniplm import DifferenceScoreWriter
     from tad_torchtune.offline.models import load_model, load_tokenizer, model_vocab
 
@@ -149,18 +149,7 @@ def _score(args: argparse.Namespace) -> int:
     teacher = load_model(cfg, args.teacher_key, args.teacher_checkpointer_key, device=args.device, dtype=args.dtype)
     ref = load_model(ref_cfg, args.reference_key, args.reference_checkpointer_key, device=args.device, dtype=args.dtype)
     _check_corpus(src, tokenizer, {"teacher": model_vocab(teacher.model), "reference": model_vocab(ref.model)})
-    manifest = run_pass(
-        src,
-        DifferenceScoreWriter(teacher, ref),
-        args.out,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        device=next(teacher.model.parameters()).device,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    _report(manifest, args.out)
-    return 0
+    return _run_and_report(src, DifferenceScoreWriter(teacher, ref), args, teacher)
 
 
 def _select(args: argparse.Namespace) -> int:
@@ -178,7 +167,7 @@ def _select(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from tad_torchtune.config_loader import load_config
     from tad_torchtune.data import _tokenizers as tk
-    from tad_torchtune.offline.engine import PromptSource, WindowSource, run_pass
+    from tad_torchtune.offline.engine import PromptSource, WindowSource
     from tad_torchtune.offline.models import load_model, load_tokenizer, model_vocab
     from tad_torchtune.offline.seqkd import SeqKDWriter, orcamel_prompts, stop_ids_of
 
@@ -221,13 +210,20 @@ def _generate(args: argparse.Namespace) -> int:
         vocab_size=tk.vocab_size(tokenizer),
         end_id=tk.eos_id(tokenizer),
     )
+    return _run_and_report(src, writer, args, teacher)
+
+
+def _run_and_report(src: Any, writer: Any, args: argparse.Namespace, model: Any) -> int:
+    """The shared pass with the command's flags, on the model's device; prints where the result is."""
+    from tad_torchtune.offline.engine import run_pass
+
     manifest = run_pass(
         src,
         writer,
         args.out,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
-        device=next(teacher.model.parameters()).device,
+        device=next(model.model.parameters()).device,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -32,13 +32,8 @@ _TIMING = {"tokens_per_second_per_gpu", "peak_rss_gib", "tflops_per_second_per_g
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (tests/conftest.py)."""
 
 
 def _grid(tmp_path: Path, **changes) -> Path:

@@ -38,11 +38,8 @@ SHORT = {"max_steps_per_epoch": 2, "save_every_n_steps": 1, "log_peak_memory_sta
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (tests/conftest.py)."""
 
 
 def _train(cfg):
