@@ -15,6 +15,15 @@ grid and its GPU profile)::
       TAD: {overrides: {kd_loss: {_component_: tad_torchtune.TADLoss, top_k: 10, beta: 2.0}}}
     compare: [[TAD, KD]]                             # paired differences A - B in the report
 
+A variant may train on another corpus, made once per grid folder by an offline teacher step
+(``experiments/corpora.py``)::
+
+    data:
+      miniplm: {kind: miniplm, windows: 128, fraction: 0.5, reference_layers: "0-3,26-29"}
+      seqkd: {kind: seqkd, windows: 48, prefix_len: 96, max_new_tokens: 32}
+    variants:
+      MiniPLM_CE: {data: miniplm, overrides: {kd_loss: null, kd_weight: 0.0}}
+
 Every run is the real ``knowledge_distillation_tad`` recipe; a variant is any set of recipe-config overrides
 (a dotted key sets one value, a mapping replaces the whole node), so a method added to the recipe joins a
 grid as one more variant. Runs are ordered seed by seed (every variant of the first seed, then the next),
