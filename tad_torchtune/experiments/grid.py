@@ -15,6 +15,15 @@ grid and its GPU profile)::
       TAD: {overrides: {kd_loss: {_component_: tad_torchtune.TADLoss, top_k: 10, beta: 2.0}}}
     compare: [[TAD, KD]]                             # paired differences A - B in the report
 
+A variant may train on another corpus, made once per grid folder by an offline teacher step
+(``experiments/corpora.py``)::
+
+    data:
+      miniplm: {kind: miniplm, windows: 128, fraction: 0.5, reference_layers: "0-3,26-29"}
+      seqkd: {kind: seqkd, windows: 48, prefix_len: 96, max_new_tokens: 32}
+    variants:
+      MiniPLM_CE: {data: miniplm, overrides: {kd_loss: null, kd_weight: 0.0}}
+
 Every run is the real ``knowledge_distillation_tad`` recipe; a variant is any set of recipe-config overrides
 (a dotted key sets one value, a mapping replaces the whole node), so a method added to the recipe joins a
 grid as one more variant. Runs are ordered seed by seed (every variant of the first seed, then the next),
@@ -36,12 +45,20 @@ __all__ = ["GridError", "GridSpec", "RunSpec", "Variant", "load_grid", "parse_gr
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SETUP_KINDS = ("smollm2", "tiny")
-_TOP_KEYS = {"name", "description", "setup", "students", "budget", "eval", "seeds", "base", "variants", "compare"}
+_TOP_KEYS = {
+    "name", "description", "setup", "students", "budget", "eval", "seeds", "base", "data", "variants", "compare"
+}  # fmt: skip
 _SETUP_KEYS = {"kind", "seq_len", "heldout_sequences", "ood_sequences", "threads", "assets_seed"}
 _STUDENT_KEYS = {"layers", "intermediate_dim"}
 _BUDGET_KEYS = {"steps", "batch_size"}
 _EVAL_KEYS = {"every_steps", "curve_sequences", "ks", "n_bins", "batch_size"}
-_VARIANT_KEYS = {"overrides", "seeds", "student", "label"}
+_VARIANT_KEYS = {"overrides", "seeds", "student", "label", "data"}
+DATA_KINDS = ("miniplm", "seqkd")
+_DATA_COMMON = {"kind", "windows", "sample_seed", "batch_size", "dtype"}
+_DATA_KEYS = {
+    "miniplm": _DATA_COMMON | {"fraction", "reference_layers"},
+    "seqkd": _DATA_COMMON | {"prefix_len", "max_new_tokens", "train_on_prompt"},
+}
 
 
 class GridError(ValueError):
@@ -57,6 +74,7 @@ class Variant:
     seeds: tuple[int, ...]
     student: str
     label: str
+    data: str | None = None  # a corpus of the grid's ``data`` section; None: the setup's training text
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,7 @@ class GridSpec:
     compare: list[tuple[str, str]]
     description: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)  # checked corpora, defaults filled in
 
     def runs(self) -> list[RunSpec]:
         """Every (variant, seed), ordered by seed position first so early stops keep paired seeds."""
@@ -108,6 +127,8 @@ class GridSpec:
             "overrides": run.variant.overrides,
             "seed": run.seed,
         }
+        if run.variant.data is not None:  # only then: the fingerprints of grids without corpora stay as they were
+            what["data"] = self.data[run.variant.data]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -147,6 +168,62 @@ def _seeds(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _parse_data(raw: dict[str, Any], setup: dict[str, Any], run_windows: int) -> dict[str, dict[str, Any]]:
+    """The ``data`` section: named training corpora made by an offline teacher step, defaults filled in.
+
+    ``run_windows`` (steps x batch size) is how many training windows a run sees: the defaults make a
+    MiniPLM pool twice that (the selected half is one run's worth) and one Seq-KD prompt per window.
+    """
+    seq_len = int(setup["seq_len"])
+    corpora = {}
+    for cname, node in raw.items():
+        where = f"data.{cname}"
+        if not isinstance(cname, str) or not _NAME.match(cname):
+            raise _fail("data", f"corpus names must be plain names (letters, digits, _ . -), got {cname!r}")
+        node = _mapping(node, where)
+        kind = node.get("kind")
+        if kind not in DATA_KINDS:
+            raise _fail(f"{where}.kind", f"must be one of {', '.join(DATA_KINDS)}, got {kind!r}")
+        _check_keys(node, _DATA_KEYS[kind], where)
+        dtype = node.get("dtype", "fp32")
+        if dtype not in ("fp32", "bf16"):
+            raise _fail(f"{where}.dtype", f"must be fp32 or bf16, got {dtype!r}")
+        out: dict[str, Any] = {
+            "kind": kind,
+            "sample_seed": _int(node, "sample_seed", where, default=0, low=0),
+            "batch_size": _int(node, "batch_size", where, default=8),
+            "dtype": dtype,
+        }
+        if kind == "miniplm":
+            fraction = node.get("fraction", 0.5)
+            if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+                raise _fail(f"{where}.fraction", f"must be a number in (0, 1], got {fraction!r}")
+            out["fraction"] = float(fraction)
+            out["windows"] = _int(node, "windows", where, default=2 * run_windows)
+            if int(out["fraction"] * out["windows"]) < 1:
+                raise _fail(f"{where}.windows", f"{out['windows']} x fraction {fraction} keeps no window; score more")
+            layers = node.get("reference_layers", "0-3,26-29")
+            if not isinstance(layers, str) or not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", layers.replace(" ", "")):
+                raise _fail(f"{where}.reference_layers", f'must be a layer list such as "0-3,26-29", got {layers!r}')
+            out["reference_layers"] = layers
+        else:
+            out["windows"] = _int(node, "windows", where, default=run_windows)
+            out["prefix_len"] = _int(node, "prefix_len", where, default=None)
+            out["max_new_tokens"] = _int(node, "max_new_tokens", where, default=None)
+            if out["prefix_len"] + out["max_new_tokens"] > seq_len:
+                raise _fail(
+                    where,
+                    f"prefix_len + max_new_tokens = {out['prefix_len'] + out['max_new_tokens']} > setup.seq_len "
+                    f"({seq_len}); an example must fit the students' context",
+                )
+            train_on_prompt = node.get("train_on_prompt", False)
+            if not isinstance(train_on_prompt, bool):
+                raise _fail(f"{where}.train_on_prompt", f"must be true or false, got {train_on_prompt!r}")
+            out["train_on_prompt"] = train_on_prompt
+        corpora[cname] = out
+    return corpora
+
+
 def parse_grid(raw: Any) -> GridSpec:
     """Checks a grid's mapping and returns it parsed; every problem raises :class:`GridError` before any run."""
     raw = _mapping(raw, "the file")
@@ -182,6 +259,7 @@ def parse_grid(raw: Any) -> GridSpec:
         raise _fail("eval.ks", f"must be >= 1, got {ks!r}")
     seeds = _seeds(raw.get("seeds", [0]), "seeds")
     base = _mapping(raw.get("base"), "base")
+    data = _parse_data(_mapping(raw.get("data"), "data"), setup, steps * batch_size)
     variants_raw = _mapping(raw.get("variants"), "variants")
     if not variants_raw:
         raise _fail("variants", "the grid has no variants; add at least one (e.g. KD: {overrides: {...}})")
@@ -200,7 +278,11 @@ def parse_grid(raw: Any) -> GridSpec:
             if not isinstance(key, str) or not key or key.split(".")[0] in ("output_dir", "seed"):
                 raise _fail(f"{where}.overrides", f"{key!r} is set by the runner, not by a variant")
         vseeds = _seeds(node["seeds"], f"{where}.seeds") if "seeds" in node else seeds
-        variants.append(Variant(vname, overrides, vseeds, student, str(node.get("label", vname))))
+        corpus = node.get("data")
+        if corpus is not None and corpus not in data:
+            known = ", ".join(data) or "none (add a top-level data: section)"
+            raise _fail(f"{where}.data", f"unknown corpus {corpus!r}; the grid's corpora: {known}")
+        variants.append(Variant(vname, overrides, vseeds, student, str(node.get("label", vname)), corpus))
     names = {v.name for v in variants}
     compare = []
     for pair in raw.get("compare") or []:
@@ -223,6 +305,7 @@ def parse_grid(raw: Any) -> GridSpec:
         compare=compare,
         description=str(raw.get("description", "")),
         source=raw,
+        data=data,
     )
 
 

@@ -4,6 +4,9 @@ Layout of a grid folder ``OUT``::
 
     OUT/grid.yaml                     the grid as run (a later run of another grid in OUT is refused)
     OUT/reference/                    the teacher's log-probabilities on each evaluation set (built once)
+    OUT/data/NAME/                    corpus NAME of the grid's ``data`` section (MiniPLM selection, Seq-KD
+                                      continuations), built before the first run that trains on it
+                                      (``experiments/corpora.py``)
     OUT/students/NAME/                each student's initial weights and its step-0 measurements
     OUT/runs/VARIANT/seed_S/run.json  the run's fingerprint and recipe config
                          /train.jsonl one line of recipe metrics per optimizer step
@@ -32,6 +35,7 @@ import yaml
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from tad_torchtune.experiments.corpora import build_corpus
 from tad_torchtune.experiments.grid import GridError, GridSpec, RunSpec
 from tad_torchtune.experiments.measure import evaluate_student
 from tad_torchtune.experiments.setups import Setup, apply_overrides, make_setup
@@ -143,8 +147,12 @@ class RunRecorder:
         self.advance(1)
 
 
-def _run_config(spec: GridSpec, setup: Setup, run: RunSpec, run_dir: Path, resume: bool):
+def _run_config(
+    spec: GridSpec, setup: Setup, run: RunSpec, run_dir: Path, resume: bool, dataset: dict[str, Any] | None = None
+):
     cfg = setup.recipe_config(run.variant.student, run_dir)
+    if dataset is not None:  # the variant's corpus (data: NAME); its overrides may still change dataset.*
+        OmegaConf.update(cfg, "dataset", dataset, merge=False, force_add=True)
     cfg.output_dir = str(run_dir)
     cfg.seed = run.seed
     cfg.save_every_n_steps = spec.every_steps
@@ -259,7 +267,11 @@ def run_grid(
             bar.set_description(f"{run.key} ({k}/{len(pending)} to run)")
             run_dir.mkdir(parents=True, exist_ok=True)
             resume = any((run_dir / "checkpoints").glob("step_*"))
-            cfg = _run_config(spec, setup, run, run_dir, resume)
+            dataset = None
+            if run.variant.data is not None:
+                with _locked(out_dir / "data" / f".{run.variant.data}.lock"):
+                    dataset = build_corpus(setup, run.variant.data, progress=progress)["dataset"]
+            cfg = _run_config(spec, setup, run, run_dir, resume, dataset)
             _write_json(
                 run_dir / "run.json",
                 {"fingerprint": fingerprint, "variant": run.variant.name, "seed": run.seed,

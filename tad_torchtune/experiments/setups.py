@@ -51,6 +51,15 @@ class Setup:
     def recipe_config(self, student: str, run_dir: Path) -> DictConfig:
         raise NotImplementedError
 
+    # --- what the offline corpora of a grid's ``data`` section need (experiments/corpora.py) ---
+    def training_windows(self) -> tuple[torch.Tensor, Any]:
+        """The windows ``[N, seq_len + 1]`` a run trains on by default (stride ``seq_len``) and their tokenizer."""
+        raise NotImplementedError
+
+    def load_reference(self, layers: str) -> torch.nn.Module:
+        """MiniPLM's small reference model (eval mode, no gradients)."""
+        raise NotImplementedError
+
     # --- shared ---
     def prepare(self) -> None:
         """Students' initial weights and the teacher's references (each built once, reused on later calls)."""
@@ -146,6 +155,22 @@ class SmolLM2Setup(Setup):
         cfg.log_flops = False  # the demo's model has no FLOP formula: no per-run warning
         return cfg
 
+    def training_windows(self) -> tuple[torch.Tensor, Any]:
+        from tad_torchtune.demo.text import demo_text_dataset
+
+        return demo_text_dataset(self.tokenizer, "train", self.seq_len).windows, self.tokenizer
+
+    def load_reference(self, layers: str) -> torch.nn.Module:
+        """The teacher's ``layers`` (e.g. ``"0-3,26-29"``), as a student is built: a cheap, weaker model with
+        the teacher's tokenizer (MiniPLM trains its reference on a slice of the corpus; this one is not trained).
+        """
+        from tad_torchtune.demo.run import DemoOptions, build_student
+        from tad_torchtune.demo.smollm2 import load_state_dict
+
+        state_dict, _ = load_state_dict(None)
+        reference, _ = build_student(DemoOptions(seq_len=self.seq_len, layers=layers), state_dict)
+        return reference.eval().requires_grad_(False)
+
 
 class TinySetup(Setup):
     """The tiny random models of ``configs/tiny_cpu.yaml``; held-out windows of random token ids."""
@@ -190,6 +215,27 @@ class TinySetup(Setup):
         cfg.max_steps_per_epoch = self.spec.steps
         cfg.epochs = 1
         return cfg
+
+    def training_windows(self) -> tuple[torch.Tensor, Any]:
+        """The tiny training text (``data/train.jsonl``), byte-tokenised, documents ended by EOS, packed."""
+        import json
+
+        from tad_torchtune.demo.text import pack, token_stream
+        from tad_torchtune.training.byte_tokenizer import byte_tokenizer
+
+        tokenizer = byte_tokenizer()
+        texts = [json.loads(line)["text"] for line in (self.assets / "data" / "train.jsonl").read_text().splitlines()]
+        return pack(token_stream(texts, tokenizer, tokenizer.eos_id), self.seq_len), tokenizer
+
+    def load_reference(self, layers: str) -> torch.nn.Module:
+        """The tiny student (``layers`` does not apply: the tiny teacher's layers are not a student's shape)."""
+        from torchtune.models.qwen2._component_builders import qwen2
+
+        from tad_torchtune.training.tiny import STUDENT_KWARGS
+
+        reference = qwen2(**STUDENT_KWARGS)
+        reference.load_state_dict(torch.load(self.assets / "student" / "model.pt", weights_only=True))
+        return reference.eval().requires_grad_(False)
 
 
 _SETUPS: dict[str, type[Setup]] = {"smollm2": SmolLM2Setup, "tiny": TinySetup}
