@@ -407,8 +407,8 @@ class _Checker:
             except Exception as err:
                 self.add(key, f"cannot build the model ({_short(err)})")
         student, teacher = self.models.get("model"), self.models.get("teacher_model")
-        v_s = _vocab(student)
-        v_t = _vocab(teacher)
+        v_s = model_vocab(student)
+        v_t = model_vocab(teacher)
         uses_teacher = self._uses_live_teacher()
         if uses_teacher and v_s is not None and v_t is not None and v_t < v_s:
             self.add(
@@ -474,7 +474,7 @@ class _Checker:
             check_compatible(
                 self.manifest,
                 where="",
-                vocab_size=_vocab(self.models.get("model")),
+                vocab_size=model_vocab(self.models.get("model")),
                 top_k=top_k if isinstance(top_k, int) else None,
                 temperature=temperature if isinstance(temperature, int | float) else None,
             )
@@ -566,7 +566,7 @@ class _Checker:
             self.add("tokenizer", f"cannot build the tokenizer ({_short(err)})")
             return
         v_tok = getattr(self.tokenizer, "vocab_size", None)
-        v_s = _vocab(self.models.get("model"))
+        v_s = model_vocab(self.models.get("model"))
         if isinstance(v_tok, int) and v_s is not None and v_tok > v_s:
             self.add(
                 "tokenizer",
@@ -784,7 +784,7 @@ class _Checker:
             self.notes.append(f"resume: {line} (accepted)")
 
 
-def _vocab(model: Any) -> int | None:
+def model_vocab(model: Any) -> int | None:
     emb = getattr(model, "tok_embeddings", None)
     n = getattr(emb, "num_embeddings", None)
     return int(n) if n is not None else None

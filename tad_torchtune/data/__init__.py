@@ -6,11 +6,11 @@ Start-up check: :func:`check_vocab_alignment`. Offline tests and examples: :func
 ``ModelTokenizer`` that needs no files. See ``docs/data.md``.
 """
 
-from tad_torchtune.data._tokenizers import load_tokenizer
 from tad_torchtune.data.byte_tokenizer import ByteTokenizer, byte_tokenizer
 from tad_torchtune.data.orcamel import InstructionDataset, instruction_dataset, orcamel_dataset
 from tad_torchtune.data.packed import PackedTokenDataset, packed_token_dataset
 from tad_torchtune.data.token_file import open_token_file, read_meta, write_token_file
+from tad_torchtune.data.tokenizer_tools import load_tokenizer
 from tad_torchtune.data.vocab import VocabAlignmentReport, VocabMismatchError, check_vocab_alignment
 
 __all__ = [

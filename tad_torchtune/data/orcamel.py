@@ -27,8 +27,8 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchtune.utils import get_logger
 
-from tad_torchtune.data import _tokenizers as tk
-from tad_torchtune.data.token_file import _data_ext, _resolve_files, open_source
+from tad_torchtune.data import tokenizer_tools as tk
+from tad_torchtune.data.token_file import data_ext, open_source, resolve_files
 
 # torchtune's logger: the recipe sets it to INFO, so the data summary appears in the run's output.
 log = get_logger()
@@ -185,8 +185,8 @@ def _json_rows(path: str) -> Iterator[dict[str, Any]]:
 
 def _row_batches(source: Any, split: str) -> Iterator[dict[str, list[Any]]]:
     """Column batches from local JSON files (read directly: one-object files are common) or HF ``datasets``."""
-    files = _resolve_files(source)
-    if files and all(_data_ext(f) in (".json", ".jsonl") and Path(f).suffix in (".json", ".jsonl") for f in files):
+    files = resolve_files(source)
+    if files and all(data_ext(f) in (".json", ".jsonl") and Path(f).suffix in (".json", ".jsonl") for f in files):
         rows: list[dict[str, Any]] = []
         for f in files:
             for row in _json_rows(f):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from tad_torchtune.data import _tokenizers as tk
+from tad_torchtune.data import tokenizer_tools as tk
 from tad_torchtune.data.token_file import read_meta
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from tad_torchtune.data import _tokenizers as tk
+from tad_torchtune.data import tokenizer_tools as tk
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ _EXT_TO_BUILDER = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".t
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 
 
-def _data_ext(path: str | Path) -> str:
+def data_ext(path: str | Path) -> str:
     """``a.jsonl.gz`` -> ``.jsonl``; ``a.parquet`` -> ``.parquet``."""
     p = Path(path)
     return Path(p.stem).suffix if p.suffix in _COMPRESSION else p.suffix
@@ -118,14 +118,14 @@ def _encode_docs(texts: list[str]) -> tuple[np.ndarray, int, int]:
     return arr, len(kept), sum(len(t.encode("utf-8")) for t in kept)
 
 
-def _resolve_files(source: str | Path | Sequence[str | Path]) -> list[str] | None:
+def resolve_files(source: str | Path | Sequence[str | Path]) -> list[str] | None:
     """Local files named by ``source`` (paths, globs, directories), or None when it is not local."""
     items = [source] if isinstance(source, str | Path) else list(source)
     files: list[str] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if _data_ext(f) in _EXT_TO_BUILDER and f.is_file())
+            files += sorted(str(f) for f in p.rglob("*") if data_ext(f) in _EXT_TO_BUILDER and f.is_file())
         elif p.is_file():
             files.append(str(p))
         else:
@@ -161,11 +161,11 @@ def open_source(
     """
     from datasets import load_dataset
 
-    files = _resolve_files(source)
+    files = resolve_files(source)
     if files is not None:
         if not files:
             raise FileNotFoundError(f"no data files match {source!r}")
-        exts = {_data_ext(f) for f in files}
+        exts = {data_ext(f) for f in files}
         builders = {_EXT_TO_BUILDER.get(e) for e in exts}
         if None in builders or len(builders) != 1:
             raise ValueError(
@@ -188,7 +188,7 @@ def open_source(
             desc["sample_by"] = text_sample_by
         return ds, desc
     name = str(source)
-    if isinstance(source, Path) or name.startswith(("/", "./", "../", "~")) or _data_ext(name) in _EXT_TO_BUILDER:
+    if isinstance(source, Path) or name.startswith(("/", "./", "../", "~")) or data_ext(name) in _EXT_TO_BUILDER:
         raise FileNotFoundError(f"data file(s) {name!r} not found (a hub dataset id looks like 'owner/name')")
     ds = load_dataset(name, subset, split=split, streaming=streaming)
     return ds, {"kind": "hub", "name": name, "subset": subset, "split": split}
@@ -262,7 +262,7 @@ def write_token_file(
     Args:
         output (str | Path): token file to write; must end in ``.bin``.
         tokenizer: a tokenizer object (torchtune ``ModelTokenizer``, HF) or a spec for
-            :func:`~tad_torchtune.data._tokenizers.load_tokenizer` (HF dir, dotted name, config mapping).
+            :func:`~tad_torchtune.data.tokenizer_tools.load_tokenizer` (HF dir, dotted name, config mapping).
         source: local files/globs/dir or a hub id, see :func:`open_source`.
         text_column (str): column holding the document text. Default: ``"text"``.
         split (str): dataset split. Default: ``"train"``.

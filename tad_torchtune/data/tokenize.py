@@ -20,8 +20,8 @@ import logging
 import os
 import sys
 
-from tad_torchtune.data._tokenizers import load_tokenizer
 from tad_torchtune.data.token_file import write_token_file
+from tad_torchtune.data.tokenizer_tools import load_tokenizer
 from tad_torchtune.reliability.errors import EXIT_REFUSED
 
 

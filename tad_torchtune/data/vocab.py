@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from tad_torchtune.data import _tokenizers as tk
+from tad_torchtune.data import tokenizer_tools as tk
 
 log = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ def pack(ids: list[int], seq_len: int, max_sequences: int | None = None) -> torc
     return stream.unfold(0, seq_len + 1, seq_len)  # [N, seq_len + 1]
 
 
-def _split_stream(tokenizer, split: str, holdout_every: int) -> list[int]:
+def split_stream(tokenizer, split: str, holdout_every: int) -> list[int]:
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     train_docs, held_docs = split_documents(reference_documents(), holdout_every)
@@ -131,7 +131,7 @@ def demo_text_dataset(
     Returns:
         DemoTextDataset: windows of the chosen split.
     """
-    return DemoTextDataset(pack(_split_stream(tokenizer, split, holdout_every), seq_len, max_sequences))
+    return DemoTextDataset(pack(split_stream(tokenizer, split, holdout_every), seq_len, max_sequences))
 
 
 def heldout_batches(
@@ -142,7 +142,7 @@ def heldout_batches(
     Raises:
         ValueError: if the held-out text has fewer than ``num_sequences`` windows of ``seq_len``.
     """
-    windows = pack(_split_stream(tokenizer, "heldout", holdout_every), seq_len, num_sequences)
+    windows = pack(split_stream(tokenizer, "heldout", holdout_every), seq_len, num_sequences)
     if windows.shape[0] < num_sequences:
         raise ValueError(
             f"the held-out text has only {windows.shape[0]} windows of {seq_len} tokens; "

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tad_torchtune.config_loader import load_config
-from tad_torchtune.eval._logits import paired_chunks, single_chunks
+from tad_torchtune.eval.logit_chunks import paired_chunks, single_chunks
 from tad_torchtune.reliability.errors import EXIT_REFUSED
 
 __all__ = [
@@ -540,21 +540,21 @@ def _seq_len(args: argparse.Namespace, cfg) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tad_torchtune.eval import _loading
+    from tad_torchtune.eval import loading
 
     cfg = load_config(args.config, args.overrides)
-    device, dtype = _loading.resolve_device_dtype(args.device, args.dtype)
-    tokenizer = _loading.build_tokenizer(cfg)
+    device, dtype = loading.resolve_device_dtype(args.device, args.dtype)
+    tokenizer = loading.build_tokenizer(cfg)
     seq_len = _seq_len(args, cfg)
-    batches = _loading.heldout_batches(tokenizer, args.text, seq_len, args.batch_size, args.max_batches)
+    batches = loading.heldout_batches(tokenizer, args.text, seq_len, args.batch_size, args.max_batches)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if args.cmd == "tail":
-        teacher = _loading.build_model(cfg, "teacher_model", "teacher_checkpointer", device, dtype)
+        teacher = loading.build_model(cfg, "teacher_model", "teacher_checkpointer", device, dtype)
         vocab = None
         if "model" in cfg:
-            vocab = _loading.model_vocab_size(cfg.model)
+            vocab = loading.model_vocab_size(cfg.model)
         stats = teacher_tail_stats(teacher, batches, range(1, args.kmax + 1), vocab_size=vocab)
         csv_path = write_tail_csv(stats, out_dir / "teacher_tail_mass.csv")
         png = plot_tail_mass(stats, out_dir / "teacher_tail_mass.png")
@@ -568,7 +568,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "ece":
         from tad_torchtune.eval.full_ece import full_ece_of_model
 
-        student = _loading.build_model(cfg, "model", "checkpointer", device, dtype)
+        student = loading.build_model(cfg, "model", "checkpointer", device, dtype)
         res = full_ece_of_model(student, batches, n_bins=args.bins)
         print(f"full_ece={res['full_ece']:.6f} ece_top1={res['ece_top1']:.6f} tokens={res['num_tokens']}")
         with (out_dir / "full_ece.csv").open("w", newline="") as f:
@@ -579,10 +579,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     # kl: one teacher, several student checkpoints
-    teacher = _loading.build_model(cfg, "teacher_model", "teacher_checkpointer", device, dtype)
+    teacher = loading.build_model(cfg, "teacher_model", "teacher_checkpointer", device, dtype)
     rows = []
     for i, ckpt_dir in enumerate(args.checkpoints):
-        student = _loading.build_model(cfg, "model", "checkpointer", device, dtype, checkpoint_dir=ckpt_dir)
+        student = loading.build_model(cfg, "model", "checkpointer", device, dtype, checkpoint_dir=ckpt_dir)
         row = {"step": _step_of(ckpt_dir, i), **heldout_metrics(student, teacher, batches), "checkpoint": ckpt_dir}
         print(f"step {row['step']}: kl={row['kl']:.5f} ppl={row['ppl']:.3f} top1_agreement={row['top1_agreement']:.3f}")
         rows.append(row)

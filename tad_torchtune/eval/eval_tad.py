@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from torchtune.recipe_interfaces import EvalRecipeInterface
 
-from tad_torchtune.eval import _loading
+from tad_torchtune.eval import loading
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 log = utils.get_logger("INFO")
@@ -76,7 +76,7 @@ class TADEvalRecipe(EvalRecipeInterface):
     def __init__(self, cfg: DictConfig) -> None:
         _check_keys(cfg)
         self.cfg = cfg
-        self.device, self.dtype = _loading.resolve_device_dtype(cfg.get("device"), cfg.get("dtype", "fp32"))
+        self.device, self.dtype = loading.resolve_device_dtype(cfg.get("device"), cfg.get("dtype", "fp32"))
         self.seed = training.set_seed(seed=cfg.get("seed", 1234))
         self.output_dir = Path(cfg.output_dir)
         tasks = cfg.get("tasks")
@@ -91,8 +91,8 @@ class TADEvalRecipe(EvalRecipeInterface):
         """Build the model, tokenizer, lm-eval wrapper and task manager."""
         cfg = cfg or self.cfg
         t0 = time.perf_counter()
-        self.model = _loading.build_model(cfg, "model", "checkpointer", self.device, self.dtype)
-        self.tokenizer = _loading.build_tokenizer(cfg)
+        self.model = loading.build_model(cfg, "model", "checkpointer", self.device, self.dtype)
+        self.tokenizer = loading.build_tokenizer(cfg)
         log.info(f"model and tokenizer ready in {time.perf_counter() - t0:.1f}s ({self.dtype}, {self.device})")
 
         from lm_eval.tasks import TaskManager
@@ -150,7 +150,7 @@ class TADEvalRecipe(EvalRecipeInterface):
         if ece_cfg is not None and ece_cfg.get("text"):
             from tad_torchtune.eval.full_ece import full_ece_of_model
 
-            batches = _loading.heldout_batches(
+            batches = loading.heldout_batches(
                 self.tokenizer,
                 ece_cfg.text,
                 ece_cfg.get("seq_len", 1024),

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from tad_torchtune.eval._logits import single_chunks
+from tad_torchtune.eval.logit_chunks import single_chunks
 
 __all__ = ["FullECE", "full_ece_of_model"]
 

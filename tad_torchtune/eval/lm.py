@@ -24,7 +24,7 @@ from torchtune.generation import get_causal_mask_from_padding_mask, get_position
 from torchtune.modules.common_utils import local_kv_cache
 from tqdm import tqdm
 
-from tad_torchtune.eval._logits import as_chunks
+from tad_torchtune.eval.logit_chunks import as_chunks
 
 __all__ = ["TorchtuneLM"]
 

@@ -73,7 +73,7 @@ def write_windows(windows: torch.Tensor, path: Path, tokenizer: Any, source: dic
         tokenizer: the tokenizer the ids come from (its fingerprint goes into the metadata).
         source (dict): where the windows come from (recorded in the metadata).
     """
-    from tad_torchtune.data import _tokenizers as tk
+    from tad_torchtune.data import tokenizer_tools as tk
     from tad_torchtune.data.token_file import FORMAT, VERSION, dtype_for_vocab, meta_path
 
     vocab = tk.vocab_size(tokenizer)
@@ -181,7 +181,7 @@ def _miniplm(setup: Any, spec: dict[str, Any], folder: Path, pool: Path, progres
 
 
 def _seqkd(setup: Any, spec: dict[str, Any], folder: Path, pool: Path, tokenizer: Any, progress: bool) -> dict:
-    from tad_torchtune.data import _tokenizers as tk
+    from tad_torchtune.data import tokenizer_tools as tk
     from tad_torchtune.offline.engine import WindowSource, load_pass, run_pass
     from tad_torchtune.offline.seqkd import SeqKDWriter, stop_ids_of
 

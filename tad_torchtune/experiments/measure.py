@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tad_torchtune.eval._logits import as_chunks
 from tad_torchtune.eval.full_ece import FullECE
+from tad_torchtune.eval.logit_chunks import as_chunks
 
 __all__ = ["EvalSet", "TeacherReference", "evaluate_student", "TAIL_KS"]
 

@@ -87,10 +87,10 @@ class SmolLM2Setup(Setup):
         self.seq_len = int(spec.setup["seq_len"])
 
     def eval_sets(self) -> list[EvalSet]:
-        from tad_torchtune.demo.text import _split_stream, docstring_documents, pack, token_stream
+        from tad_torchtune.demo.text import docstring_documents, pack, split_stream, token_stream
 
         n_held, n_ood = int(self.spec.setup["heldout_sequences"]), int(self.spec.setup.get("ood_sequences", 0))
-        held = pack(_split_stream(self.tokenizer, "heldout", 8), self.seq_len, n_held)
+        held = pack(split_stream(self.tokenizer, "heldout", 8), self.seq_len, n_held)
         if held.size(0) < n_held:
             raise ValueError(
                 f"setup.heldout_sequences={n_held}: the held-out text has only {held.size(0)} windows of "
@@ -220,8 +220,8 @@ class TinySetup(Setup):
         """The tiny training text (``data/train.jsonl``), byte-tokenised, documents ended by EOS, packed."""
         import json
 
+        from tad_torchtune.data.byte_tokenizer import byte_tokenizer
         from tad_torchtune.demo.text import pack, token_stream
-        from tad_torchtune.training.byte_tokenizer import byte_tokenizer
 
         tokenizer = byte_tokenizer()
         texts = [json.loads(line)["text"] for line in (self.assets / "data" / "train.jsonl").read_text().splitlines()]
@@ -231,7 +231,7 @@ class TinySetup(Setup):
         """The tiny student (``layers`` does not apply: the tiny teacher's layers are not a student's shape)."""
         from torchtune.models.qwen2._component_builders import qwen2
 
-        from tad_torchtune.training.tiny import STUDENT_KWARGS
+        from tad_torchtune.testing.tiny import STUDENT_KWARGS
 
         reference = qwen2(**STUDENT_KWARGS)
         reference.load_state_dict(torch.load(self.assets / "student" / "model.pt", weights_only=True))

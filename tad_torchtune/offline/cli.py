@@ -110,7 +110,7 @@ def _max_seq_len(args: argparse.Namespace, cfg: Any) -> int:
 
 def _check_corpus(src: Any, tokenizer: Any, vocabs: dict[str, int]) -> None:
     """Refuse a token file made with another tokenizer or holding ids a model cannot read (before any compute)."""
-    from tad_torchtune.data import _tokenizers as tk
+    from tad_torchtune.data import tokenizer_tools as tk
 
     meta = src.meta
     if tokenizer is not None and meta["tokenizer"]["fingerprint"] != tk.fingerprint(tokenizer):
@@ -166,7 +166,7 @@ def _select(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from tad_torchtune.config_loader import load_config
-    from tad_torchtune.data import _tokenizers as tk
+    from tad_torchtune.data import tokenizer_tools as tk
     from tad_torchtune.offline.engine import PromptSource, WindowSource
     from tad_torchtune.offline.models import load_model, load_tokenizer, model_vocab
     from tad_torchtune.offline.seqkd import SeqKDWriter, orcamel_prompts, stop_ids_of

@@ -62,7 +62,7 @@ def load_model(
     from omegaconf import DictConfig, OmegaConf
 
     from tad_torchtune.config_loader import load_config
-    from tad_torchtune.eval._loading import build_model, resolve_device_dtype
+    from tad_torchtune.eval.loading import build_model, resolve_device_dtype
     from tad_torchtune.offline.engine import model_fingerprint
 
     cfg = config if isinstance(config, DictConfig) else load_config(config, overrides)
@@ -85,7 +85,7 @@ def load_tokenizer(config: Any, overrides: Sequence[str] = ()) -> Any:
     from omegaconf import DictConfig
 
     from tad_torchtune.config_loader import load_config
-    from tad_torchtune.eval._loading import build_tokenizer
+    from tad_torchtune.eval.loading import build_tokenizer
 
     cfg = config if isinstance(config, DictConfig) else load_config(config, overrides)
     try:

@@ -153,7 +153,7 @@ def generate(
 
 def stop_ids_of(tokenizer: Any) -> list[int]:
     """The tokenizer's stop tokens (torchtune ``stop_tokens``, e.g. Llama-3's end-of-turn ids) or its EOS."""
-    from tad_torchtune.data import _tokenizers as tk
+    from tad_torchtune.data import tokenizer_tools as tk
 
     ids = list(getattr(tokenizer, "stop_tokens", None) or [])
     eos = tk.eos_id(tokenizer)
@@ -383,7 +383,7 @@ def seqkd_dataset(
     ds = SeqKDDataset(path, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
     made_with = ds.tokenizer_fingerprint
     if tokenizer is not None and check_tokenizer and made_with is not None:
-        from tad_torchtune.data import _tokenizers as tk
+        from tad_torchtune.data import tokenizer_tools as tk
 
         if tk.fingerprint(tokenizer) != made_with:
             raise ValueError(

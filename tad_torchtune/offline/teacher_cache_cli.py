@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from tad_torchtune.offline.models import load_model, logits_of
     from tad_torchtune.offline.teacher_cache import DatasetSource, SparseTeacherWriter, bytes_per_position
     from tad_torchtune.recipes.kd_tad import build_dataset
-    from tad_torchtune.validate import _vocab, load_config
+    from tad_torchtune.validate import load_config, model_vocab
 
     cfg = load_config(args.config, args.overrides)
     for key in ("teacher_model", "teacher_checkpointer", "dataset", "tokenizer", "model"):
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.k_max < 1 or args.samples < 0:
         raise ValueError(f"--k-max must be >= 1 and --samples >= 0, got {args.k_max} and {args.samples}")
     with torch.device("meta"):
-        vocab = _vocab(config.instantiate(cfg.model))
+        vocab = model_vocab(config.instantiate(cfg.model))
     if vocab is None:
         raise ValueError("cannot read the student's vocabulary size (model.tok_embeddings) from the config")
     k_max, samples = args.k_max, args.samples

@@ -110,7 +110,7 @@ def test_the_pass_writes_a_dataset_the_recipe_reads(tiny, models, tmp_path):
 
     prompts = _prompts(tiny)
     tok = byte_tokenizer()
-    from tad_torchtune.data import _tokenizers as tk
+    from tad_torchtune.data import tokenizer_tools as tk
 
     src = PromptSource(prompts, {"test": True}, tokenizer_fingerprint=tk.fingerprint(tok))
     writer = SeqKDWriter(models[0], max_new_tokens=8, stop_ids=[EOS])
