@@ -5,10 +5,10 @@ exits 1, or prints ``OK`` and exits 0. The recipe runs the same checks (:func:`v
 thing, before a process group, a model or a dataset exists. Checks:
 
 - config keys: unknown or misspelled top-level keys and component arguments (closest valid key suggested);
-- values: every number anywhere in the config is finite (no ``.nan``/``.inf``), and every key of one typed table
-  (:data:`SCHEMA`: type and range; ``seed``, batch geometry, loss weights, ``lr``, ``clip_grad_norm``, ``top_k``,
-  ``beta``, ...) has the right type and lies in its range; ``top_k >= vocab``; dtype, ``nonfinite_policy``,
-  ``fused_loss``, ``peak_flops``;
+- settings: :func:`~tad_torchtune.recipe_settings.settings_problems`, the same parse the recipe runs with (every
+  number anywhere in the config finite; the typed table ``SCHEMA``: ``seed``, batch geometry, loss weights,
+  ``lr``, ``clip_grad_norm``, ``top_k``, ``beta``, ...; switches; dtype, ``nonfinite_policy``, ``fused_loss``,
+  ``peak_flops``, ``kd_ratio`` against the weights; the ``on_policy:`` section); ``top_k >= vocab``;
 - models: buildable (on the meta device: no memory, no weights), teacher vocabulary >= student vocabulary,
   tokenizer ids fit the student, tokenizer ``max_seq_len`` <= what both models support;
 - checkpoints: every configured file exists, loads without running code, and (torchtune format) holds
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
-import math
 import os
 import re
 import sys
@@ -45,103 +44,16 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tad_torchtune.config_loader import load_config
-
-# Every top-level key the knowledge_distillation_tad recipe reads (docs/recipe.md, docs/reliability.md).
-RECIPE_KEYS = frozenset(
-    """
-    output_dir seed device dtype model teacher_model checkpointer teacher_checkpointer tokenizer teacher_tokenizer
-    dataset batch_size shuffle collate_fn loss kd_loss ce_weight kd_weight kd_ratio cosine_weight hidden_layer_map
-    freeze optimizer lr_scheduler gradient_accumulation_steps clip_grad_norm epochs max_steps_per_epoch
-    save_every_n_steps keep_last_n_checkpoints resume_from_checkpoint enable_activation_checkpointing compile
-    custom_sharded_layers metric_logger log_every_n_steps log_peak_memory_stats nonfinite_policy fused_loss
-    fused_chunk_size log_flops peak_flops progress_bar on_policy teacher_cache
-    """.split()
+from tad_torchtune.recipe_settings import (
+    COMPONENT_KEYS,
+    RECIPE_KEYS,
+    RecipeSettings,
+    parse_settings,
+    settings_problems,
+    uses_live_teacher,
 )
-COMPONENT_KEYS = (
-    "model teacher_model checkpointer teacher_checkpointer tokenizer teacher_tokenizer loss kd_loss optimizer "
-    "lr_scheduler metric_logger"
-).split()
+
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w]*)")
-
-
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
-
-
-@dataclass(frozen=True)
-class Num:
-    """The type and range of one numeric config key (``None`` bound: unbounded on that side)."""
-
-    integer: bool
-    low: float | None = None
-    low_strict: bool = False
-    high: float | None = None
-    required: bool = False
-    hint: str = ""
-
-    def problem(self, value: Any) -> str | None:
-        """None when ``value`` fits, else the sentence saying what is wrong (the value included)."""
-        kind = "an integer" if self.integer else "a number"
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (self.integer and isinstance(value, float))
-        ):
-            return f"must be {kind}, got {value!r}{self.hint}"
-        if not math.isfinite(value):
-            return f"must be a finite number, got {value!r}{self.hint}"
-        below = self.low is not None and ((value <= self.low) if self.low_strict else (value < self.low))
-        if (below or (self.high is not None and value > self.high)) and self.low is not None and not self.low_strict:
-            if self.high is not None:
-                return f"must be in [{_fmt(self.low)}, {_fmt(self.high)}], got {value!r}{self.hint}"
-        if below:
-            return f"must be {'>' if self.low_strict else '>='} {_fmt(self.low)}, got {value!r}{self.hint}"
-        if self.high is not None and value > self.high:
-            return f"must be <= {_fmt(self.high)}, got {value!r}{self.hint}"
-        return None
-
-
-# Every numeric key the recipe reads, typed: one rule checks them all (docs/recipe.md lists the same ranges).
-# Component arguments are checked when their section is configured.
-SCHEMA: dict[str, Num] = {
-    "seed": Num(True, 0, high=2**32 - 1, hint="; use an integer such as 0, or null for a random seed"),
-    "batch_size": Num(True, 1, required=True),
-    "epochs": Num(True, 1, required=True),
-    "gradient_accumulation_steps": Num(True, 1, required=True),
-    "max_steps_per_epoch": Num(True, 1),
-    "save_every_n_steps": Num(True, 1),
-    "keep_last_n_checkpoints": Num(True, 1),
-    "log_every_n_steps": Num(True, 1),
-    "fused_chunk_size": Num(True, 1),
-    "clip_grad_norm": Num(False, 0, low_strict=True, hint="; use e.g. 1.0, or null for no clipping"),
-    "ce_weight": Num(False, 0),
-    "kd_weight": Num(False, 0),
-    "cosine_weight": Num(False, 0),
-    "kd_ratio": Num(False, 0, high=1),
-    # Above 10 no optimizer we know of converges (and 1e39 overflows fp32): almost surely a typo.
-    "optimizer.lr": Num(False, 0, low_strict=True, high=10.0, hint="; typical values are 1e-6 to 1e-3"),
-    "optimizer.weight_decay": Num(False, 0),
-    "optimizer.eps": Num(False, 0, low_strict=True),
-    "optimizer.momentum": Num(False, 0),
-    "loss.num_output_chunks": Num(True, 1),
-    "kd_loss.num_output_chunks": Num(True, 1),
-    "kd_loss.temperature": Num(False, 0, low_strict=True),
-    "kd_loss.beta": Num(False, 0, low_strict=True),
-    "kd_loss.top_k": Num(True, 1),
-    "kd_loss.chunk_size": Num(True, 1),
-    "lr_scheduler.num_warmup_steps": Num(True, 0),
-    "tokenizer.max_seq_len": Num(True, 1),
-}
-BOOL_KEYS = ("shuffle", "compile", "enable_activation_checkpointing", "log_peak_memory_stats", "log_flops")
-
-
-def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of every leaf of a plain container (list items as ``key[i]``)."""
-    if isinstance(node, dict):
-        return [kv for k, v in node.items() for kv in _leaves(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(node, list):
-        return [kv for i, v in enumerate(node) for kv in _leaves(v, f"{prefix}[{i}]")]
-    return [(prefix, node)]
 
 
 @dataclass(frozen=True)
@@ -191,6 +103,7 @@ class _Checker:
         self.tokenizer = None
         self.dataset_parts: list[Any] = []  # built by data(); the recipe's setup reuses them
         self.manifest: dict[str, Any] | None = None  # of teacher_cache, once read
+        self.parsed: RecipeSettings | None = None  # the typed settings, when every value is good
 
     def add(self, key: str, message: str) -> None:
         self.problems.append(Problem(key, message))
@@ -202,7 +115,7 @@ class _Checker:
             self.add("config", f"cannot resolve interpolations ({_short(err)})")
             return self.problems
         # Cheap checks first; a refused resume or folder stops before any model, tokenizer or dataset is built.
-        cheap = (self.keys, self.components, self.values, self.hyperparameters, self.on_policy_settings)
+        cheap = (self.keys, self.components, self.settings)
         for step in (*cheap, self.output_dir, self.resume):
             self._run(step)
         if any(p.key in ("output_dir", "resume_from_checkpoint") for p in self.problems):
@@ -264,36 +177,19 @@ class _Checker:
                     hint = _suggest(str(arg), valid) or f" (it takes {', '.join(valid)})"
                     self.add(f"{key}.{arg}", f"{path} has no argument {arg!r}{hint}")
 
-    # --- hyperparameters ----------------------------------------------------------------------------
-    def values(self) -> None:
-        """One rule for every number: finite anywhere in the config; type and range for the keys in SCHEMA."""
-        container = OmegaConf.to_container(self.cfg, resolve=True)
-        for key, value in _leaves(container):
-            if isinstance(value, float) and not math.isfinite(value) and key not in SCHEMA:
-                self.add(key, f"must be a finite number, got {value!r}")
-        for key, rule in SCHEMA.items():
-            section = key.split(".", 1)[0]
-            if "." in key and not isinstance(self.cfg.get(section), DictConfig):
-                continue
-            value = _get(self.cfg, key)
-            if value is None:
-                if rule.required:
-                    self.add(key, "is required")
-                continue
-            problem = rule.problem(value)
-            if problem is not None:
-                self.add(key, problem)
-        for key in BOOL_KEYS:
-            value = self.cfg.get(key)
-            if value is not None and not isinstance(value, bool):
-                self.add(key, f"must be true or false, got {key}={value!r}")
-        if self.cfg.get("peak_flops") is not None:
-            from tad_torchtune.utils.flops import parse_peak_flops
+    # --- settings -----------------------------------------------------------------------------------
+    def settings(self) -> None:
+        """Every plain value (numbers, switches, choices, the on_policy section): ``recipe_settings``' rules."""
+        problems = settings_problems(self.cfg)
+        for key, message in problems:
+            self.add(key, message)
+        self.parsed = None if problems else parse_settings(self.cfg)
 
-            try:
-                parse_peak_flops(self.cfg.get("peak_flops"), "peak_flops")
-            except ValueError as err:
-                self.add("peak_flops", str(err))
+    def _weight(self, key: str) -> float:
+        """A loss weight as the recipe will use it (``kd_ratio`` applied); read as written when values are bad."""
+        if self.parsed is not None:
+            return {"kd_weight": self.parsed.loss.kd_weight, "cosine_weight": self.parsed.loss.cosine_weight}[key]
+        return float(self.cfg.get(key, 1.0 if key == "kd_weight" else 0.0) or 0)
 
     def _component_default(self, key: str, arg: str) -> Any:
         """``cfg[key][arg]``, else the component's default for ``arg`` (None when unknown)."""
@@ -309,28 +205,6 @@ class _Checker:
             return None if p is None or p.default is inspect.Parameter.empty else p.default
         except Exception:
             return None
-
-    def hyperparameters(self) -> None:
-        """Choices that are not numbers (numbers are :meth:`values`' job)."""
-        cfg = self.cfg
-        dtype = cfg.get("dtype")
-        if dtype not in ("fp32", "bf16"):
-            self.add("dtype", f"must be fp32 or bf16, got {dtype!r}")
-        policy = cfg.get("nonfinite_policy", "skip")
-        if policy not in ("skip", "stop"):
-            self.add(
-                "nonfinite_policy", f"must be 'skip' or 'stop', got {policy!r}{_suggest(str(policy), ['skip', 'stop'])}"
-            )
-        fused = cfg.get("fused_loss", "auto")
-        if str(fused).strip().lower() not in ("auto", "true", "false"):
-            self.add("fused_loss", f"must be auto, true or false, got {fused!r}")
-
-    def on_policy_settings(self) -> None:
-        """The ``on_policy:`` section's values (docs/on_policy.md)."""
-        from tad_torchtune.training.on_policy import settings_problems
-
-        for key, message in settings_problems(self.cfg.get("on_policy")):
-            self.add(f"on_policy.{key}" if key else "on_policy", message)
 
     def on_policy_fit(self) -> None:
         """With ``on_policy.fraction`` > 0: unpacked prompt/response data, prompts + ``max_new_tokens`` within both
@@ -355,7 +229,7 @@ class _Checker:
         if any(isinstance(d, DictConfig) and d.get("packed", False) for d in nodes):
             self.add("on_policy.fraction", "needs unpacked data (packed: true puts several prompts in a row)")
             return
-        if float(self.cfg.get("kd_weight", 1.0) or 0) == 0:
+        if self._weight("kd_weight") == 0:
             self.add(
                 "on_policy.fraction",
                 "needs a divergence to grade the samples; kd_weight is 0 (CE on the "
@@ -385,8 +259,9 @@ class _Checker:
 
     def _uses_live_teacher(self) -> bool:
         """Whether the recipe loads the teacher: a divergence without ``teacher_cache``, or a cosine term."""
-        kd = float(self.cfg.get("kd_weight", 1.0) or 0) != 0 and self.cfg.get("teacher_cache") is None
-        return kd or float(self.cfg.get("cosine_weight", 0) or 0) != 0
+        return uses_live_teacher(
+            self._weight("kd_weight"), self._weight("cosine_weight"), self.cfg.get("teacher_cache")
+        )
 
     # --- models -------------------------------------------------------------------------------------
     def build_models(self) -> None:
@@ -449,12 +324,12 @@ class _Checker:
         except TeacherCacheError as err:
             self.add("teacher_cache", str(err))
             return
-        if float(self.cfg.get("cosine_weight", 0) or 0) != 0:
+        if self._weight("cosine_weight") != 0:
             self.add("teacher_cache", "cosine_weight needs the teacher's hidden states, which a cache does not hold")
         if str(self.cfg.get("fused_loss", "auto")).strip().lower() == "true":
             self.add("fused_loss", "true, but teacher_cache is set: the cached rows meet chunked logits; use auto")
         node = self.cfg.get("kd_loss")
-        if node is None or float(self.cfg.get("kd_weight", 1.0) or 0) == 0:
+        if node is None or self._weight("kd_weight") == 0:
             self.notes.append("teacher_cache is set but kd_weight is 0 (or no kd_loss): the cache is not read")
             return
         try:
@@ -825,7 +700,8 @@ def validate_config(
         check_lock (bool): refuse an ``output_dir`` whose run lock another process holds. The recipe's ranks
             other than 0 pass False: their own rank 0 may already hold it. Default: True
         built (dict[str, Any] | None): when given and the config is good, receives what the checks built so the
-            caller need not build it again: ``tokenizer`` and ``dataset_parts`` (one dataset per ``dataset``
+            caller need not build it again: ``settings`` (the typed :class:`RecipeSettings`), ``tokenizer`` and
+            ``dataset_parts`` (one dataset per ``dataset``
             entry, built with that tokenizer). Default: None
 
     Returns:
@@ -837,6 +713,7 @@ def validate_config(
     if notes is not None:
         notes.extend(checker.notes)
     if built is not None and not problems:
+        built["settings"] = checker.parsed
         if checker.tokenizer is not None:
             built["tokenizer"] = checker.tokenizer
         if checker.dataset_parts:

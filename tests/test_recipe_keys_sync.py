@@ -1,11 +1,14 @@
-"""The recipe's keys, validation's schema and docs/recipe.md stay in step: a key the recipe reads is known to
-validation (else `tad-tune validate` would refuse it as unknown), documented, and every documented key exists."""
+"""The recipe's keys, the typed settings, validation's schema and docs/recipe.md stay in step: a key the recipe
+reads is known to validation (else `tad-tune validate` would refuse it as unknown), documented, and every
+documented key exists; every recipe key is either a component the recipe instantiates or a typed setting."""
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
+from tad_torchtune.recipe_settings import BOOL_KEYS, CHOICE_KEYS, COMPONENT_KEYS, RECIPE_KEYS, SCHEMA, RecipeSettings
 from tad_torchtune.reliability.run_identity import BENIGN_KEYS
-from tad_torchtune.validate import RECIPE_KEYS, SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "tad_torchtune" / "recipes" / "kd_tad.py"
@@ -48,3 +51,35 @@ def test_docs_table_and_validation_list_the_same_keys():
 def test_schema_and_resume_classification_name_only_recipe_keys():
     assert {k.split(".")[0] for k in SCHEMA} - RECIPE_KEYS == set()
     assert BENIGN_KEYS - RECIPE_KEYS == set()
+
+
+# Keys parse_settings folds into other fields or reads as nodes: kd_ratio becomes (ce_weight, kd_weight),
+# fused_loss is LossSettings.fused_mode, dataset and hidden_layer_map are structured nodes the recipe builds from.
+_SETTING_ALIASES = {"kd_ratio", "fused_loss", "dataset", "hidden_layer_map"}
+
+
+def _setting_fields() -> set[str]:
+    """Every leaf field of RecipeSettings: a section's fields stand for their keys (on_policy is one key)."""
+    from tad_torchtune.training.on_policy import OnPolicySettings
+
+    hints = typing.get_type_hints(RecipeSettings, localns={"OnPolicySettings": OnPolicySettings})
+    names: set[str] = set()
+    for f in dataclasses.fields(RecipeSettings):
+        section = hints[f.name]
+        if dataclasses.is_dataclass(section) and f.name != "on_policy":
+            names |= {g.name for g in dataclasses.fields(section)}
+        else:
+            names.add(f.name)
+    return names
+
+
+def test_every_recipe_key_is_a_component_or_a_typed_setting():
+    settings = _setting_fields() - {"fused_mode"}
+    assert settings - RECIPE_KEYS == set(), "typed settings no config key feeds"
+    untyped = RECIPE_KEYS - settings - set(COMPONENT_KEYS) - _SETTING_ALIASES
+    assert untyped == set(), "recipe keys neither instantiated nor parsed into RecipeSettings"
+
+
+def test_every_checked_scalar_is_a_recipe_key():
+    assert set(BOOL_KEYS) - RECIPE_KEYS == set()
+    assert set(CHOICE_KEYS) - RECIPE_KEYS == set()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import tad_torchtune  # noqa: F401  first: its dependency-noise filters must precede torchtune's torchao import
 
 # isort: on
-import math
 import os
 import resource
 import sys
@@ -73,39 +72,22 @@ from tad_torchtune.losses.fused_linear import (
 from tad_torchtune.losses.sparse_teacher import SparseTeacher, SparseTeacherLoss
 from tad_torchtune.losses.tad import TADLoss
 from tad_torchtune.offline import teacher_cache as tcache
+from tad_torchtune.recipe_settings import RecipeSettings
 from tad_torchtune.reliability.errors import debug_requested, run_reporting
 from tad_torchtune.reliability.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
 from tad_torchtune.reliability.run_identity import ParentWatch, RunLock, new_run_id, run_record
-from tad_torchtune.training.loss_path import FUSED_CHUNK_SIZE, fused_blocker
-from tad_torchtune.training.on_policy import OnPolicy, OnPolicySettings
+from tad_torchtune.training.loss_path import fused_blocker
+from tad_torchtune.training.on_policy import OnPolicy
 from tad_torchtune.training.outputs import (
     HiddenStateCapture,
     cosine_distance_sum,
     non_empty,
     use_tensor_split_output,
 )
-from tad_torchtune.utils.flops import FlopsPerToken, measure_matmul_peak, parse_peak_flops
+from tad_torchtune.utils.flops import FlopsPerToken, measure_matmul_peak
 from tad_torchtune.validate import validate_or_raise
 
 log = utils.get_logger("INFO")
-
-
-def _fused_chunk_size(value: Any) -> int:
-    """``fused_chunk_size``: positions per slice of the fused loss (a positive integer)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"fused_chunk_size must be an integer >= 1 (positions per slice of the fused loss), got "
-            f"fused_chunk_size={value!r}; e.g. 1024, or the sequence length so TAD makes one teacher pass"
-        )
-    return value
-
-
-def _fused_mode(value: Any) -> str:
-    """``fused_loss`` as ``"auto"``, ``"true"`` or ``"false"`` (YAML/CLI give booleans or strings)."""
-    mode = str(value).strip().lower() if value is not None else "auto"
-    if mode not in ("auto", "true", "false"):
-        raise ValueError(f"fused_loss must be auto, true or false, got fused_loss={value!r}")
-    return mode
 
 
 def _finite_probe(chunks: list[torch.Tensor]) -> torch.Tensor:
@@ -169,10 +151,14 @@ class KDTADRecipe(FTRecipeInterface):
         validate_or_raise(cfg, notes=notes, check_lock=global_rank == 0, built=self._validated)
         for note in notes if global_rank == 0 else []:
             log.warning(note)
+        # Every plain value, typed and defaulted by the parse validation ran (recipe_settings): nothing below
+        # reads a setting from the raw config again; components stay config nodes for config.instantiate.
+        settings: RecipeSettings = self._validated.pop("settings")
+        self._settings = settings
         # One run per output_dir: the writing process (global rank 0) holds an exclusive lock until it ends.
-        self._run_lock = RunLock(cfg.output_dir).acquire() if global_rank == 0 else None
+        self._run_lock = RunLock(settings.output_dir).acquire() if global_rank == 0 else None
         if self._run_lock is not None:
-            for p in remove_stale_partials(Path(cfg.output_dir) / "checkpoints"):
+            for p in remove_stale_partials(settings.output_dir / "checkpoints"):
                 log.info(f"removed {p.name}, left by an interrupted checkpoint write or prune")
         self._config = OmegaConf.to_container(cfg, resolve=True)
         self._run_id = new_run_id()  # replaced by the checkpoint's run id on resume
@@ -181,55 +167,45 @@ class KDTADRecipe(FTRecipeInterface):
         # --- distributed: only when launched by torchrun (or a process group already exists) ---
         self._owns_process_group = False
         if _launched_by_torchrun() and not dist.is_initialized():
-            device_type = "cuda" if str(cfg.device).startswith("cuda") else str(cfg.device)
+            device_type = "cuda" if str(settings.device).startswith("cuda") else str(settings.device)
             dist.init_process_group(backend=training.get_distributed_backend(device_type))
             self._owns_process_group = True
         self._distributed = dist.is_available() and dist.is_initialized()
         self.world_size, self.rank = (dist.get_world_size(), dist.get_rank()) if self._distributed else (1, 0)
         self._is_rank_zero = self.rank == 0
 
-        self._device = utils.get_device(device=cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
-        if self._dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be fp32 or bf16, got dtype={cfg.dtype!r}")
-        self._output_dir = Path(cfg.output_dir)
-        self._log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
-        self._progress_bar = cfg.get("progress_bar", True)
-        if not isinstance(self._progress_bar, bool):
-            raise ValueError(f"progress_bar must be true or false, got progress_bar={self._progress_bar!r}")
-        self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
-        # FLOP accounting (docs/recipe.md "Metrics"): checked here, before any model exists.
-        self._log_flops = cfg.get("log_flops", True)
-        if not isinstance(self._log_flops, bool):
-            raise ValueError(f"log_flops must be true or false, got log_flops={self._log_flops!r}")
-        self._peak_flops = parse_peak_flops(cfg.get("peak_flops", None), "peak_flops")
+        self._device = utils.get_device(device=settings.device)
+        self._dtype = training.get_dtype(settings.dtype, device=self._device)
+        self._output_dir = settings.output_dir
+        self._log_every_n_steps = settings.logging.log_every_n_steps
+        self._progress_bar = settings.logging.progress_bar
+        self._log_peak_memory_stats = settings.logging.log_peak_memory_stats
+        # FLOP accounting (docs/recipe.md "Metrics").
+        self._log_flops = settings.logging.log_flops
+        self._peak_flops = settings.logging.peak_flops
         self._flops_per_token: FlopsPerToken | None = None  # set by setup when log_flops
 
-        # --- loss weights: (ce_weight, kd_weight) or torchtune's kd_ratio, never both inconsistently ---
-        self._ce_weight, self._kd_weight = _loss_weights(cfg)
-        self._cosine_weight = float(cfg.get("cosine_weight", 0.0))
-        if self._cosine_weight < 0:
-            raise ValueError(f"cosine_weight must be >= 0, got {self._cosine_weight}")
+        # --- loss weights: (ce_weight, kd_weight), torchtune's kd_ratio already applied ---
+        self._ce_weight, self._kd_weight = settings.loss.ce_weight, settings.loss.kd_weight
+        self._cosine_weight = settings.loss.cosine_weight
         # teacher_cache: the divergence reads cached teacher rows (docs/teacher_cache.md); no teacher is loaded.
-        self._teacher_cache_path = cfg.get("teacher_cache", None)
+        self._teacher_cache_path = settings.loss.teacher_cache
         self._teacher_cache: tcache.TeacherCache | None = None
         self._cache_loss: SparseTeacherLoss | None = None
-        self._use_teacher = (self._kd_weight != 0 and self._teacher_cache_path is None) or self._cosine_weight != 0
+        self._use_teacher = settings.loss.uses_live_teacher
 
         # --- training loop ---
-        self._seed = training.set_seed(seed=cfg.seed)  # cfg.seed, or the random seed drawn (same on every rank)
-        self.total_epochs = int(cfg.epochs)
-        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
-        self._gradient_accumulation_steps = int(cfg.gradient_accumulation_steps)
-        if self._gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self._gradient_accumulation_steps}")
-        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
-        self._keep_last_n = cfg.get("keep_last_n_checkpoints", 2)
-        self._resume = cfg.get("resume_from_checkpoint", False)
-        self._compile = bool(cfg.get("compile", False))
-        self._fused_mode = _fused_mode(cfg.get("fused_loss", "auto"))
-        self._fused_chunk_size = _fused_chunk_size(cfg.get("fused_chunk_size", FUSED_CHUNK_SIZE))
+        self._seed = training.set_seed(seed=settings.seed)  # the seed, or the random one drawn (same on every rank)
+        self.total_epochs = settings.loop.epochs
+        self.max_steps_per_epoch = settings.loop.max_steps_per_epoch
+        self._gradient_accumulation_steps = settings.loop.gradient_accumulation_steps
+        self._clip_grad_norm = settings.loop.clip_grad_norm
+        self._save_every_n_steps = settings.checkpointing.save_every_n_steps
+        self._keep_last_n = settings.checkpointing.keep_last_n_checkpoints
+        self._resume = settings.checkpointing.resume_from_checkpoint
+        self._compile = settings.student.compile
+        self._fused_mode = settings.loss.fused_mode
+        self._fused_chunk_size = settings.loss.fused_chunk_size
         self._fused_loss: FusedLinearDistillationLoss | None = None  # set by setup when the fused path is used
         self._loss_path_message = ""
         self._on_policy: OnPolicy | None = None  # set by setup when on_policy.fraction > 0
@@ -243,7 +219,7 @@ class KDTADRecipe(FTRecipeInterface):
         self._hidden_teacher: HiddenStateCapture | None = None
         self._metric_logger = None
         # Non-finite logits/loss/gradients: skip the step or stop (docs/reliability.md).
-        self._guard = NonFiniteGuard(str(cfg.get("nonfinite_policy", "skip")), distributed=self._distributed)
+        self._guard = NonFiniteGuard(settings.nonfinite_policy, distributed=self._distributed)
 
     @property
     def student(self) -> nn.Module:
@@ -276,6 +252,11 @@ class KDTADRecipe(FTRecipeInterface):
         return self._loss_path_message
 
     @property
+    def settings(self) -> RecipeSettings:
+        """The run's typed settings (``recipe_settings.parse_settings`` of its config, defaults applied)."""
+        return self._settings
+
+    @property
     def guard(self) -> NonFiniteGuard:
         """The non-finite guard: ``skipped_steps``, ``last_report`` (docs/reliability.md)."""
         return self._guard
@@ -293,7 +274,7 @@ class KDTADRecipe(FTRecipeInterface):
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)  # torchtune's loggers save output_dir/torchtune_config.yaml
-            log.info(f"resolved config: {Path(cfg.output_dir) / 'torchtune_config.yaml'}")
+            log.info(f"resolved config: {self._output_dir / 'torchtune_config.yaml'}")
 
         resume_state = self._find_resume_state(cfg)
 
@@ -331,9 +312,9 @@ class KDTADRecipe(FTRecipeInterface):
         self._model = self._setup_model(
             cfg_model=cfg.model,
             model_state_dict=student_sd,
-            enable_activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
-            freeze=list(cfg.get("freeze", None) or []),
-            custom_sharded_layers=cfg.get("custom_sharded_layers", None),
+            enable_activation_checkpointing=self._settings.student.enable_activation_checkpointing,
+            freeze=list(self._settings.student.freeze),
+            custom_sharded_layers=list(self._settings.student.custom_sharded_layers or []) or None,
         )
         del student_sd
 
@@ -360,9 +341,9 @@ class KDTADRecipe(FTRecipeInterface):
         self._optimizer = self._setup_optimizer(cfg.optimizer, resume_state)
         self._dataloader, self._sampler = self._setup_data(
             cfg_dataset=cfg.dataset,
-            shuffle=bool(cfg.shuffle),
-            batch_size=int(cfg.batch_size),
-            collate_fn=cfg.get("collate_fn", "torchtune.data.padded_collate_sft"),
+            shuffle=self._settings.loop.shuffle,
+            batch_size=self._settings.loop.batch_size,
+            collate_fn=self._settings.loop.collate_fn,
         )
         num_batches = len(self._dataloader)
         self._steps_per_epoch = num_batches // self._gradient_accumulation_steps
@@ -370,13 +351,13 @@ class KDTADRecipe(FTRecipeInterface):
             self._steps_per_epoch = min(self._steps_per_epoch, int(self.max_steps_per_epoch))
         if self._steps_per_epoch < 1:
             raise ValueError(
-                f"the dataset gives {num_batches} batches per rank (batch_size={cfg.batch_size}, world size "
-                f"{self.world_size}), fewer than gradient_accumulation_steps={self._gradient_accumulation_steps}: "
-                "no optimizer step is possible; use more data or a smaller batch"
+                f"the dataset gives {num_batches} batches per rank (batch_size={self._settings.loop.batch_size}, "
+                f"world size {self.world_size}), fewer than gradient_accumulation_steps="
+                f"{self._gradient_accumulation_steps}: no optimizer step is possible; use more data or a smaller batch"
             )
         self._total_steps = self.total_epochs * self._steps_per_epoch
         self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler", None), self._total_steps)
-        self._on_policy = self._setup_on_policy(cfg)
+        self._on_policy = self._setup_on_policy()
 
         if resume_state is not None:
             self._load_resume_state(*resume_state)
@@ -390,10 +371,10 @@ class KDTADRecipe(FTRecipeInterface):
                 f"{self._kd_weight}*KD + {self._cosine_weight}*cosine"
             )
 
-    def _setup_on_policy(self, cfg: DictConfig) -> OnPolicy | None:
+    def _setup_on_policy(self) -> OnPolicy | None:
         """The ``on_policy:`` section (``docs/on_policy.md``); None when absent or λ = 0 (the off-policy recipe)."""
-        settings = OnPolicySettings.from_config(cfg.get("on_policy", None))
-        if settings.fraction == 0:
+        settings = self._settings.on_policy
+        if settings is None or settings.fraction == 0:
             return None
         models = [m for m in (self._model, self._teacher_model) if m is not None]
         stop_ids = getattr(self._tokenizer, "stop_tokens", None) or [self._tokenizer.eos_id]
@@ -1112,25 +1093,6 @@ def build_dataset(
         return ConcatDataset(parts), any(bool(c.get("packed", False)) for c in cfg_dataset), shifted[0]
     ds = parts[0] if parts else config.instantiate(cfg_dataset, tokenizer)
     return ds, bool(cfg_dataset.get("packed", False)), bool(getattr(ds, "shifted_labels", False))
-
-
-def _loss_weights(cfg: DictConfig) -> tuple[float, float]:
-    """(ce_weight, kd_weight) from the config; torchtune's ``kd_ratio`` r means (1 - r, r)."""
-    has_weights = "ce_weight" in cfg or "kd_weight" in cfg
-    ce_w, kd_w = float(cfg.get("ce_weight", 1.0)), float(cfg.get("kd_weight", 1.0))
-    if cfg.get("kd_ratio", None) is not None:
-        r = float(cfg.kd_ratio)
-        if not 0.0 <= r <= 1.0:
-            raise ValueError(f"kd_ratio must be in [0, 1], got kd_ratio={r}")
-        if has_weights and (not math.isclose(ce_w, 1 - r) or not math.isclose(kd_w, r)):
-            raise ValueError(
-                f"kd_ratio={r} means ce_weight={1 - r}, kd_weight={r}, but the config also sets ce_weight={ce_w}, "
-                f"kd_weight={kd_w}; give either kd_ratio or ce_weight/kd_weight"
-            )
-        ce_w, kd_w = 1.0 - r, r
-    if ce_w < 0 or kd_w < 0:
-        raise ValueError(f"ce_weight and kd_weight must be >= 0, got ce_weight={ce_w}, kd_weight={kd_w}")
-    return ce_w, kd_w
 
 
 def _freeze(model: nn.Module, patterns: list[str]) -> None:

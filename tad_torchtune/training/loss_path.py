@@ -13,10 +13,10 @@ from typing import Any
 from tad_torchtune.losses.baselines import ForwardKLLoss
 from tad_torchtune.losses.fused_linear import FusedLinearDistillationLoss, is_plain_projection
 from tad_torchtune.losses.tad import TADLoss
+from tad_torchtune.recipe_settings import FUSED_CHUNK_SIZE
 
-#: Default positions per slice of the fused loss when kd_loss is a plain divergence (``fused_chunk_size``; a
-#: ``FusedLinear*`` kd_loss brings its own ``chunk_size``).
-FUSED_CHUNK_SIZE = 1024
+__all__ = ["FUSABLE_DIVERGENCES", "FUSED_CHUNK_SIZE", "fused_blocker"]
+
 #: Divergences the fused path is tested for (a ``FusedLinear*`` kd_loss is fused by construction).
 FUSABLE_DIVERGENCES = (TADLoss, ForwardKLLoss)
 
