@@ -21,8 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "validate": ("tad_torchtune.validate", "main", "check a recipe config before spending any compute"),
     "diagnose": ("tad_torchtune.eval.diagnostics", "main", "held-out KL, teacher tail mass, argmax-error plots"),
     "export-hf": ("tad_torchtune.models.export", "main", "export a student checkpoint in HF format"),
-    "flops": ("tad_torchtune.utils.flops", "main", "FLOPs per token and utilisation projection for a config"),
-    "plan": ("tad_torchtune.models.memory_plan", "main", "per-GPU memory estimate of a config (fits on 80 GB?)"),
+    "flops": ("tad_torchtune.planning.flops", "main", "FLOPs per token and utilisation projection for a config"),
+    "plan": ("tad_torchtune.planning.memory", "main", "per-GPU memory estimate of a config (fits on 80 GB?)"),
     "init-student": ("tad_torchtune.models.student_init", "main", "initialise a Table 8 student from its teacher"),
     "experiment": ("tad_torchtune.experiments.cli", "main", "run a seeded grid of distillation runs, report with CIs"),
     "teacher-cache": (

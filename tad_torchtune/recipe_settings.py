@@ -30,6 +30,7 @@ __all__ = [
     "SCHEMA",
     "CHOICE_KEYS",
     "FUSED_CHUNK_SIZE",
+    "KNOWN_PEAKS",
     "CheckpointSettings",
     "LoggingSettings",
     "LoopSettings",
@@ -37,6 +38,9 @@ __all__ = [
     "Num",
     "RecipeSettings",
     "StudentSettings",
+    "fused_mode",
+    "loss_weights",
+    "parse_peak_flops",
     "parse_settings",
     "settings_problems",
     "uses_live_teacher",
@@ -147,6 +151,51 @@ CHOICE_KEYS: dict[str, tuple[tuple[str, ...], str | None, str]] = {
 #: Default positions per slice of the fused loss when kd_loss is a plain divergence (``fused_chunk_size``; a
 #: ``FusedLinear*`` kd_loss brings its own ``chunk_size``).
 FUSED_CHUNK_SIZE = 1024
+
+
+# Dense bf16 peaks of common accelerators (vendor datasheets, without sparsity), FLOP/s.
+KNOWN_PEAKS = {"h100-sxm": 989e12, "h100-pcie": 756e12, "h200": 989e12, "a100": 312e12}
+
+
+def parse_peak_flops(value: Any, key: str = "peak_flops") -> float | None:
+    """A device's peak FLOP/s from a config value.
+
+    Args:
+        value: ``None`` (measure it: returns None), a positive number (``989e12``; a numeric string such as
+            ``"989e12"`` too), or a :data:`KNOWN_PEAKS` name (``h100-sxm``; case and ``_``/``-`` are free).
+        key (str): the config key, for the error message. Default: ``"peak_flops"``
+
+    Returns:
+        float | None: FLOP/s, or None when ``value`` is None.
+
+    Raises:
+        ValueError: a bool, a non-positive or non-finite number, or a string that is neither a number nor a
+            known name (the message names ``key``, the value and the fix).
+    """
+    if value is None:
+        return None
+    fix = (
+        f"set {key} to the device's dense peak in FLOP/s (e.g. 989e12), one of {sorted(KNOWN_PEAKS)}, "
+        "or null to measure it with a matmul probe at setup"
+    )
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not a FLOP/s value; {fix}")
+    if isinstance(value, str):
+        name = value.strip().lower().replace("_", "-")
+        if name in KNOWN_PEAKS:
+            return KNOWN_PEAKS[name]
+        try:
+            peak = float(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is neither a number nor a known device; {fix}") from None
+    else:
+        try:
+            peak = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} is not a FLOP/s value; {fix}") from None
+    if not math.isfinite(peak) or peak <= 0:
+        raise ValueError(f"{key}={value!r} must be a finite FLOP/s value > 0; {fix}")
+    return peak
 
 
 def uses_live_teacher(kd_weight: float, cosine_weight: float, teacher_cache: Any) -> bool:
@@ -318,7 +367,6 @@ def settings_problems(cfg: DictConfig) -> list[tuple[str, str]]:
         list[tuple[str, str]]: e.g. ``[("batch_size", "must be >= 1, got 0")]``.
     """
     from tad_torchtune.training.on_policy import settings_problems as on_policy_problems
-    from tad_torchtune.utils.flops import parse_peak_flops
 
     out: list[tuple[str, str]] = []
     for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)):
@@ -375,6 +423,25 @@ def _loss_weight_problems(cfg: DictConfig) -> list[tuple[str, str]]:
     ]
 
 
+def loss_weights(cfg: DictConfig) -> tuple[float, float]:
+    """``(ce_weight, kd_weight)`` as the run uses them: torchtune's ``kd_ratio`` r means ``(1 - r, r)``.
+
+    Args:
+        cfg (DictConfig): a recipe config whose weights :func:`settings_problems` accepts.
+
+    Returns:
+        tuple[float, float]: the CE and divergence weights.
+    """
+    if cfg.get("kd_ratio", None) is not None:
+        return 1.0 - float(cfg.kd_ratio), float(cfg.kd_ratio)
+    return float(_or_default(cfg, "ce_weight", 1.0)), float(_or_default(cfg, "kd_weight", 1.0))
+
+
+def fused_mode(cfg: DictConfig) -> str:
+    """``fused_loss`` as ``"auto"``, ``"true"`` or ``"false"`` (YAML gives booleans; null means auto)."""
+    return _choice("fused_loss", _or_default(cfg, "fused_loss", "auto"))
+
+
 def _or_default(cfg: DictConfig, key: str, default: Any) -> Any:
     # `key: null` means the default where null has no meaning of its own (unlike keep_last_n_checkpoints: null)
     value = cfg.get(key, None)
@@ -399,14 +466,11 @@ def parse_settings(cfg: DictConfig) -> RecipeSettings:
         ValueError: one line per problem :func:`settings_problems` finds (``tad-tune validate`` lists them).
     """
     from tad_torchtune.training.on_policy import OnPolicySettings
-    from tad_torchtune.utils.flops import parse_peak_flops
 
     problems = settings_problems(cfg)
     if problems:
         raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
-    ce_weight, kd_weight = float(_or_default(cfg, "ce_weight", 1.0)), float(_or_default(cfg, "kd_weight", 1.0))
-    if cfg.get("kd_ratio", None) is not None:
-        ce_weight, kd_weight = 1.0 - float(cfg.kd_ratio), float(cfg.kd_ratio)
+    ce_weight, kd_weight = loss_weights(cfg)
     clip = cfg.get("clip_grad_norm", None)
     teacher_cache = cfg.get("teacher_cache", None)
     freeze = cfg.get("freeze", None) or []
@@ -430,7 +494,7 @@ def parse_settings(cfg: DictConfig) -> RecipeSettings:
             ce_weight=ce_weight,
             kd_weight=kd_weight,
             cosine_weight=float(_or_default(cfg, "cosine_weight", 0.0)),
-            fused_mode=_choice("fused_loss", _or_default(cfg, "fused_loss", "auto")),
+            fused_mode=fused_mode(cfg),
             fused_chunk_size=int(_or_default(cfg, "fused_chunk_size", LossSettings.fused_chunk_size)),
             teacher_cache=None if teacher_cache is None else str(teacher_cache),
         ),

@@ -168,7 +168,7 @@ def sync_debug(check: Check, mode: str):
 def part_env(check: Check) -> dict[str, Any]:
     import importlib
 
-    from tad_torchtune.utils.flops import measure_matmul_peak
+    from tad_torchtune.planning.flops import measure_matmul_peak
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("torchtune", "torchao", "triton", "transformers", "omegaconf", "tad_torchtune"):
@@ -480,9 +480,9 @@ def part_recipe(check: Check) -> dict[str, Any]:
 
     from tad_torchtune.losses import ForwardKLLoss, TADLoss
     from tad_torchtune.losses.fused_linear import FusedLinearDistillationLoss
-    from tad_torchtune.models.memory_plan import estimate_memory
+    from tad_torchtune.planning.flops import estimate_flops_per_token, measure_matmul_peak
+    from tad_torchtune.planning.memory import estimate_memory
     from tad_torchtune.training.outputs import use_tensor_split_output
-    from tad_torchtune.utils.flops import estimate_flops_per_token, measure_matmul_peak
 
     s, dev = check.sizes, check.device
     dtype = torch.bfloat16 if check.cuda else torch.float32

@@ -72,6 +72,7 @@ from tad_torchtune.losses.fused_linear import (
 from tad_torchtune.losses.sparse_teacher import SparseTeacher, SparseTeacherLoss
 from tad_torchtune.losses.tad import TADLoss
 from tad_torchtune.offline import teacher_cache as tcache
+from tad_torchtune.planning.flops import FlopsPerToken, measure_matmul_peak
 from tad_torchtune.recipe_settings import RecipeSettings
 from tad_torchtune.reliability.errors import debug_requested, run_reporting
 from tad_torchtune.reliability.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
@@ -84,7 +85,6 @@ from tad_torchtune.training.outputs import (
     non_empty,
     use_tensor_split_output,
 )
-from tad_torchtune.utils.flops import FlopsPerToken, measure_matmul_peak
 from tad_torchtune.validate import validate_or_raise
 
 log = utils.get_logger("INFO")
@@ -475,7 +475,7 @@ class KDTADRecipe(FTRecipeInterface):
         )
 
     def _setup_flops(self, cfg: DictConfig) -> None:
-        """FLOPs per token of this run (``tad_torchtune.utils.flops``) and the peak to divide by.
+        """FLOPs per token of this run (``tad_torchtune.planning.flops``) and the peak to divide by.
 
         The count follows the run: the student ``model`` node, the ``teacher_model`` node when the teacher is
         loaded, the loss (``tad`` for TADLoss, ``kl`` for any other divergence, ``ce`` when ``kd_weight`` is 0)

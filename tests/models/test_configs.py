@@ -11,9 +11,9 @@ import torch
 from omegaconf import OmegaConf
 from torchtune import config as tt_config
 
-from tad_torchtune.models.memory_plan import estimate_memory
 from tad_torchtune.models.registry import resolve
 from tad_torchtune.models.students import STUDENT_INIT
+from tad_torchtune.planning.memory import estimate_memory
 from tad_torchtune.validate import validate_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

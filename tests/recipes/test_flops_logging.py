@@ -1,7 +1,7 @@
 """The recipe's FLOP accounting: ``flops_per_token``, ``tflops_per_second_per_gpu`` and ``mfu`` per step.
 
 ``flops_per_token`` must equal :func:`estimate_flops_per_token` (itself checked against torch's FlopCounterMode in
-``tests/utils/test_flops.py``) for the run's models, loss kind, path and each micro-batch's padded length; the
+``tests/planning/test_flops.py``) for the run's models, loss kind, path and each micro-batch's padded length; the
 other two follow from the step's valid tokens, its time and the peak (config, or the matmul probe, run once).
 The two-process FSDP2 run is checked in ``test_launch.py::test_two_processes_match_one_and_resume``.
 """
@@ -13,8 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 import tad_torchtune.recipes.kd_tad as kd_tad
+from tad_torchtune.planning.flops import KNOWN_PEAKS, estimate_flops_per_token
 from tad_torchtune.recipes.kd_tad import KDTADRecipe
-from tad_torchtune.utils.flops import KNOWN_PEAKS, estimate_flops_per_token
 from tests.recipes.conftest import read_disk_log, run_in_process, tiny_cfg
 from tests.recipes.test_kd_tad import RECORDED_GRAD_NORM
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from tad_torchtune.utils.flops import estimate_flops_per_token
+from tad_torchtune.planning.flops import estimate_flops_per_token
 from tests.recipes.conftest import TINY_CONFIG, read_disk_log, run_cli, run_in_process, tiny_cfg
 from tests.recipes.test_kd_tad import RECORDED_GRAD_NORM, RECORDED_LOSS
 

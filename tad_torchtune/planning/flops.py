@@ -17,7 +17,7 @@ TAD path (``fused=True``) projects the teacher twice when it cuts rows across sl
 ``+2·D_T·V``; with ``fused_chunk_size`` given, sequences no longer than it go whole into slices and take one
 pass (``tad_torchtune.losses.fused_linear``).
 
-This module imports torch and our model registry only.
+This module imports torch, our model registry and (for ``--config``) the loss planner only.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from tad_torchtune.recipe_settings import KNOWN_PEAKS, parse_peak_flops
 
 __all__ = [
     "FlopsBreakdown",
@@ -48,9 +50,6 @@ __all__ = [
 # Elementwise FLOPs per token per vocabulary entry of each loss (max, subtract, exp, sum, log of two
 # softmaxes, the KL terms, the gradient; TAD adds the top-K, two tail log-sum-exps and the tail correction).
 LOSS_FLOPS_PER_VOCAB = {"kl": 15.0, "tad": 30.0, "ce": 6.0, "none": 0.0}
-
-# Dense bf16 peaks of common accelerators (vendor datasheets, without sparsity), FLOP/s.
-KNOWN_PEAKS = {"h100-sxm": 989e12, "h100-pcie": 756e12, "h200": 989e12, "a100": 312e12}
 
 
 @dataclass(frozen=True)
@@ -260,47 +259,6 @@ class FlopsPerToken:
         return total
 
 
-def parse_peak_flops(value: Any, key: str = "peak_flops") -> float | None:
-    """A device's peak FLOP/s from a config value.
-
-    Args:
-        value: ``None`` (measure it: returns None), a positive number (``989e12``; a numeric string such as
-            ``"989e12"`` too), or a :data:`KNOWN_PEAKS` name (``h100-sxm``; case and ``_``/``-`` are free).
-        key (str): the config key, for the error message. Default: ``"peak_flops"``
-
-    Returns:
-        float | None: FLOP/s, or None when ``value`` is None.
-
-    Raises:
-        ValueError: a bool, a non-positive or non-finite number, or a string that is neither a number nor a
-            known name (the message names ``key``, the value and the fix).
-    """
-    if value is None:
-        return None
-    fix = (
-        f"set {key} to the device's dense peak in FLOP/s (e.g. 989e12), one of {sorted(KNOWN_PEAKS)}, "
-        "or null to measure it with a matmul probe at setup"
-    )
-    if isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} is not a FLOP/s value; {fix}")
-    if isinstance(value, str):
-        name = value.strip().lower().replace("_", "-")
-        if name in KNOWN_PEAKS:
-            return KNOWN_PEAKS[name]
-        try:
-            peak = float(value)
-        except ValueError:
-            raise ValueError(f"{key}={value!r} is neither a number nor a known device; {fix}") from None
-    else:
-        try:
-            peak = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}={value!r} is not a FLOP/s value; {fix}") from None
-    if not math.isfinite(peak) or peak <= 0:
-        raise ValueError(f"{key}={value!r} must be a finite FLOP/s value > 0; {fix}")
-    return peak
-
-
 def measure_matmul_peak(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -330,29 +288,13 @@ def measure_matmul_peak(
     return 2.0 * size**3 / best
 
 
-def _config_loss(path: str) -> tuple[str, bool, int | None]:
-    """(loss kind, fused, fused chunk size) the recipe would take for this config (its ``fused_loss: auto`` rule:
-    fused for TAD and forward KL)."""
-    from tad_torchtune.config_loader import load_config
-
-    cfg = load_config(path)
-    kd = cfg.get("kd_loss")
-    component = str(kd.get("_component_")) if kd is not None else ""
-    if kd is None or float(cfg.get("kd_weight", 1.0)) == 0.0:
-        loss = "ce"
-    else:
-        loss = "tad" if component.endswith("TADLoss") else "kl"
-    mode = str(cfg.get("fused_loss", "auto")).lower()
-    fusable = component.endswith(("TADLoss", "ForwardKLLoss")) or loss == "ce"
-    fused = mode == "true" or (mode == "auto" and fusable)
-    chunk = cfg.get("fused_chunk_size") or 1024  # the recipe's default slice (training.loss_path.FUSED_CHUNK_SIZE)
-    return loss, fused, int(chunk) if fused else None
-
-
-def _load_config_models(path: str) -> tuple[Mapping[str, Any], Mapping[str, Any] | None, int | None]:
+def _config_setup(path: str) -> tuple[Mapping[str, Any], Mapping[str, Any] | None, int | None, tuple]:
+    """A recipe config's (student node, teacher node or None, training context, (loss, fused, chunk size)); the
+    loss path is the recipe's own decision (:func:`tad_torchtune.planning.loss_plan.plan_loss`)."""
     from omegaconf import OmegaConf
 
     from tad_torchtune.config_loader import load_config
+    from tad_torchtune.planning.loss_plan import plan_loss
 
     cfg = load_config(path)  # a path or a shipped config name
     if "model" not in cfg:
@@ -362,7 +304,8 @@ def _load_config_models(path: str) -> tuple[Mapping[str, Any], Mapping[str, Any]
     # The training context: the top-level, tokenizer's or dataset's max_seq_len, else the model's.
     nodes = [cfg, cfg.get("tokenizer") or {}, cfg.get("dataset") or {}, cfg.model]
     seq = next((n.get("max_seq_len") for n in nodes if n.get("max_seq_len")), None)
-    return student, teacher, int(seq) if seq else None
+    loss = plan_loss(cfg)
+    return student, teacher, int(seq) if seq else None, (loss.kind, loss.fused, loss.chunk_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,9 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 
     seq_len, cfg_loss = args.seq_len, ("tad", False, None)
     if args.config:
-        student, teacher, cfg_seq = _load_config_models(args.config)
+        student, teacher, cfg_seq, cfg_loss = _config_setup(args.config)
         seq_len = seq_len or cfg_seq
-        cfg_loss = _config_loss(args.config)
     else:
         student, teacher = args.student, (None if args.teacher == "none" else args.teacher)
     seq_len = seq_len or 2048
@@ -449,13 +391,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--tokens and --hours must be positive, got {args.tokens:g} and {args.hours:g}")
         if args.peak == "probe":
             peak = measure_matmul_peak()
-        elif args.peak in KNOWN_PEAKS:
-            peak = KNOWN_PEAKS[args.peak]
         else:
-            try:
-                peak = float(args.peak)
+            try:  # the recipe's own reading of peak_flops: a number or a known device name
+                peak = parse_peak_flops(args.peak, "--peak")
             except ValueError:
-                parser.error(f"--peak must be a number, 'probe' or one of {sorted(KNOWN_PEAKS)}, got {args.peak!r}")
+                parser.error(
+                    f"--peak must be a FLOP/s value (e.g. 989e12), 'probe' or one of {sorted(KNOWN_PEAKS)}, "
+                    f"got {args.peak!r}"
+                )
         total = f.total * args.tokens
         seconds = args.hours * 3600.0
         result.update(

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tad_torchtune.models.memory_plan import GIB, estimate_memory, main
+from tad_torchtune.planning.memory import GIB, estimate_memory, main
 
 STUDENT = dict(
     _component_="torchtune.models.qwen2.qwen2",

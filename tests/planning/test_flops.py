@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tad_torchtune.utils.flops import (
+from tad_torchtune.planning.flops import (
     KNOWN_PEAKS,
     FlopsPerToken,
     estimate_flops_per_token,

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
+from tad_torchtune.planning.flops import estimate_flops_per_token, main
 from tad_torchtune.testing.tiny import STUDENT_KWARGS, TEACHER_KWARGS
-from tad_torchtune.utils.flops import estimate_flops_per_token, main
 
 
 def _rows(text: str) -> dict[str, float]:

@@ -29,7 +29,7 @@ overhead               1.5 GiB (CUDA context, NCCL) + 10% of the above (allocato
 
 with ``T = batch_size * max_seq_len`` tokens per micro-batch per GPU and ``C`` the loss's
 ``num_output_chunks``. Which loss path a config takes is decided as the recipe decides it (same function),
-and the plan's notes say which and why. It is an estimate: ``tests/models/test_memory_plan.py`` checks it against the
+and the plan's notes say which and why. It is an estimate: ``tests/planning/test_memory.py`` checks it against the
 measured peak of a CPU training step (within a factor stated there).
 
 CLI: ``tad-tune plan --config configs/gemma2_9b_to_2b.yaml --gpus 2``.
@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from tad_torchtune.models.registry import resolve
+from tad_torchtune.planning.loss_plan import loads_teacher, plan_loss
 
 __all__ = ["MemoryPlan", "estimate_memory", "model_numbers", "main"]
 
@@ -153,8 +154,8 @@ def estimate_memory(cfg: Any, gpus: int = 1, *, capacity_gib: float = 80.0, seq_
     t = b * s
     freeze = list(cfg.get("freeze", None) or [])
     stu = model_numbers(OmegaConf.to_container(cfg.model, resolve=True), freeze)
-    kd_on = float(cfg.get("kd_weight", 1.0) or 0) != 0 or float(cfg.get("cosine_weight", 0.0) or 0) != 0
-    tea = model_numbers(OmegaConf.to_container(cfg.teacher_model, resolve=True)) if kd_on else None
+    loaded = loads_teacher(cfg) and "teacher_model" in cfg
+    tea = model_numbers(OmegaConf.to_container(cfg.teacher_model, resolve=True)) if loaded else None
     opt = str(OmegaConf.select(cfg, "optimizer._component_", default="torch.optim.AdamW"))
     state_bytes = 1 if "8bit" in opt.lower() else w
     chunks = int(OmegaConf.select(cfg, "kd_loss.num_output_chunks", default=8) or 8)
@@ -181,9 +182,9 @@ def estimate_memory(cfg: Any, gpus: int = 1, *, capacity_gib: float = 80.0, seq_
         p["student activations"] = stu["num_layers"] * layer_act(stu)
     if tea is not None:
         p["teacher activations"] = layer_act(tea)
-    blocker = _fused_blocker(cfg, stu, tea, n)
-    if blocker is None:
-        slice_tokens = min(int(cfg.get("fused_chunk_size", None) or _fused_chunk_default(cfg)), t)
+    loss = plan_loss(cfg, stu["model"], tea["model"] if tea else None, gpus=n)
+    if loss.fused:
+        slice_tokens = min(int(loss.chunk_size), t)
         v = stu["vocab"]
         slice_bytes = slice_tokens * v * (4 * 4 + (2 * w if w < 4 else 0))
         p["fused loss"] = t * tea["dim"] * w + t * stu["dim"] * w + slice_bytes + v * stu["dim"] * 4
@@ -191,7 +192,7 @@ def estimate_memory(cfg: Any, gpus: int = 1, *, capacity_gib: float = 80.0, seq_
     else:
         v_t = tea["vocab"] if tea else 0
         p["logits"] = 2 * t * stu["vocab"] * w + t * v_t * w + 4 * (t / chunks) * max(stu["vocab"], v_t) * 4
-        path_note = f"loss path: chunked logits ({blocker})"
+        path_note = f"loss path: chunked logits ({loss.why_not_fused})"
     body = sum(p.values())
     p["overhead"] = 1.5 * GIB + 0.10 * body
     plan.notes.append(
@@ -203,39 +204,6 @@ def estimate_memory(cfg: Any, gpus: int = 1, *, capacity_gib: float = 80.0, seq_
     if stu["eager_attention"] or (tea and tea["eager_attention"]):
         plan.notes.append("Gemma-2 eager attention: O(S^2) scores per layer (attn_impl=flex avoids it on GPU)")
     return plan
-
-
-def _fused_chunk_default(cfg: Any) -> int:
-    """A ``FusedLinear*`` kd_loss brings its own ``chunk_size``; otherwise the recipe's default."""
-    from omegaconf import OmegaConf
-
-    from tad_torchtune.training.loss_path import FUSED_CHUNK_SIZE
-
-    return int(OmegaConf.select(cfg, "kd_loss.chunk_size", default=None) or FUSED_CHUNK_SIZE)
-
-
-def _fused_blocker(cfg: Any, stu: dict[str, Any], tea: dict[str, Any] | None, gpus: int) -> str | None:
-    """The recipe's own decision (``training/loss_path.py``) on the meta-device models."""
-    from omegaconf import OmegaConf
-    from torchtune.config._utils import _get_component_from_path
-
-    from tad_torchtune.training.loss_path import fused_blocker
-
-    mode = str(cfg.get("fused_loss", "auto")).lower()
-    if mode == "false":
-        return "fused_loss: false"
-    if tea is None:
-        return "kd_weight is 0 (CE only: there is no divergence to fuse)"
-    component = OmegaConf.select(cfg, "kd_loss._component_", default=None)
-    kd_type = _get_component_from_path(str(component)) if component else None
-    sharded = [str(x) for x in (cfg.get("custom_sharded_layers", None) or [])] if gpus > 1 else []
-    out = stu["model"].output
-    tied = hasattr(out, "tied_module")
-    alone = "output" if "output" in sharded and not tied else None
-    if tied and "tok_embeddings" in sharded:
-        alone = "tok_embeddings (tied to the output)"
-    kd_weight = float(cfg.get("kd_weight", 1.0) or 0.0)
-    return fused_blocker(kd_weight, kd_type, stu["model"], tea["model"], alone)
 
 
 def main(argv: list[str] | None = None) -> int:

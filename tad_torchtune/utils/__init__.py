@@ -1,1 +1,0 @@
-"""Utilities: FLOP accounting and utilisation (``flops``)."""
