@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 
 # name -> (module, function, one-line help). Each function takes ``argv: list[str]`` and returns an exit code.
@@ -45,6 +46,9 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE") and argv is None:
+        # `tad-tune ... | head` ends quietly, as a Unix tool does, instead of a BrokenPipeError traceback.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # torchao 0.15 warns at import that its C++ kernels do not match torch 2.13; torchtune works without them.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)

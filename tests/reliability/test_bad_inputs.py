@@ -80,3 +80,11 @@ def test_describe_turns_errors_into_one_line_and_an_exit_code():
     )
     ChildFailedError.failures = {0: SimpleNamespace(exitcode=3)}
     assert describe(ChildFailedError())[1] == EXIT_INTERNAL
+
+
+def test_output_cut_short_by_a_pipe_is_not_a_traceback():
+    """`tad-tune --help | head -1` printed a BrokenPipeError traceback once head had closed the pipe."""
+    shell = f"{sys.executable} -m tad_torchtune.cli --help | head -1"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert done.stdout.startswith("usage: tad-tune")
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
