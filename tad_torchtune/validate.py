@@ -190,14 +190,8 @@ class _Checker:
     def teacher_cache(self) -> None:
         from tad_torchtune.offline.teacher_cache_checks import cache_problems
 
-        if self.cfg.get("teacher_cache") is None:
-            return
         self.manifest, found = cache_problems(
-            self.cfg,
-            student_vocab=model_vocab(self.models.get("model")),
-            kd_weight=self._weight("kd_weight"),
-            cosine_weight=self._weight("cosine_weight"),
-            notes=self.notes,
+            self.cfg, student_vocab=model_vocab(self.models.get("model")), loss_weight=self._weight, notes=self.notes
         )
         self.add(found)
 
@@ -241,7 +235,7 @@ class _Checker:
         self.add(
             fit_problems(
                 self.cfg,
-                kd_weight=self._weight("kd_weight"),
+                loss_weight=self._weight,
                 models=self.models,
                 dataset_parts=self.dataset_parts,
                 notes=self.notes,

@@ -11,6 +11,7 @@ Both return ``(key, message)`` pairs; :mod:`tad_torchtune.validate` runs them in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig
@@ -22,15 +23,16 @@ __all__ = ["cache_problems", "corpus_problems"]
 
 
 def cache_problems(
-    cfg: DictConfig, *, student_vocab: int | None, kd_weight: float, cosine_weight: float, notes: list[str]
+    cfg: DictConfig, *, student_vocab: int | None, loss_weight: Callable[[str], float], notes: list[str]
 ) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
     """Whether ``teacher_cache`` (when set) is readable, complete and able to serve this run's losses.
 
     Args:
         cfg (DictConfig): the recipe config (``teacher_cache``, ``kd_loss``, ``fused_loss``).
         student_vocab (int | None): ids the student embeds (None: not compared).
-        kd_weight (float): the divergence's weight as the recipe uses it (``kd_ratio`` applied).
-        cosine_weight (float): the hidden-state cosine term's weight.
+        loss_weight (Callable[[str], float]): ``"kd_weight"`` / ``"cosine_weight"`` -> that weight as the recipe
+            uses it (``kd_ratio`` applied); called only where a check needs it, so a weight that cannot be read
+            fails only those checks.
         notes (list[str]): receives a note when the cache is set but never read (``kd_weight: 0``).
 
     Returns:
@@ -49,12 +51,12 @@ def cache_problems(
     except TeacherCacheError as err:
         return None, [("teacher_cache", str(err))]
     out: list[tuple[str, str]] = []
-    if cosine_weight != 0:
+    if loss_weight("cosine_weight") != 0:
         out.append(("teacher_cache", "cosine_weight needs the teacher's hidden states, which a cache does not hold"))
     if str(cfg.get("fused_loss", "auto")).strip().lower() == "true":
         out.append(("fused_loss", "true, but teacher_cache is set: the cached rows meet chunked logits; use auto"))
     node = cfg.get("kd_loss")
-    if node is None or kd_weight == 0:
+    if node is None or loss_weight("kd_weight") == 0:
         notes.append("teacher_cache is set but kd_weight is 0 (or no kd_loss): the cache is not read")
         return manifest, out
     try:

@@ -575,7 +575,7 @@ def prompt_mask_problem(samples: Sequence[Mapping[str, Any]], ignore_index: int)
 def fit_problems(
     cfg: Mapping[str, Any],
     *,
-    kd_weight: float,
+    loss_weight: Callable[[str], float],
     models: Mapping[str, nn.Module],
     dataset_parts: Sequence[Any],
     notes: list[str],
@@ -588,7 +588,8 @@ def fit_problems(
 
     Args:
         cfg (Mapping[str, Any]): the recipe config (a DictConfig).
-        kd_weight (float): the divergence's weight as the recipe uses it (``kd_ratio`` applied).
+        loss_weight (Callable[[str], float]): ``"kd_weight"`` -> the divergence's weight as the recipe uses it
+            (``kd_ratio`` applied); called only where a check needs it.
         models (Mapping[str, nn.Module]): ``"model"`` / ``"teacher_model"`` as built (meta device is fine), those
             that built.
         dataset_parts (Sequence[Any]): the datasets built for the run (empty when data was not built); their
@@ -619,7 +620,7 @@ def fit_problems(
     if any(isinstance(d, DictConfig) and d.get("packed", False) for d in nodes):
         return [("on_policy.fraction", "needs unpacked data (packed: true puts several prompts in a row)")]
     out: list[tuple[str, str]] = []
-    if kd_weight == 0:
+    if loss_weight("kd_weight") == 0:
         out.append(
             (
                 "on_policy.fraction",
