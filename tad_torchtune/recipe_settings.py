@@ -6,7 +6,8 @@ builds; they stay config nodes. *Settings* (batch geometry, loss weights, checkp
 ``on_policy:`` section, ...) are plain values: :func:`parse_settings` reads them into a frozen
 :class:`RecipeSettings`, applying the defaults and the type/range rules of :data:`SCHEMA` in one place.
 
-``tad-tune validate`` reports :func:`settings_problems` (one line per bad value, the key named); the recipe,
+``tad-tune validate`` reports :func:`settings_problems` (one line per bad value, the key named), and
+:func:`key_problems` / :func:`component_problems` (keys and component arguments the recipe never reads); the recipe,
 after validation passed, reads its settings from the same parse and never from the raw config. So a value the
 validator accepts is exactly the value the recipe uses, and a default lives in one place.
 """

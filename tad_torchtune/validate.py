@@ -212,9 +212,7 @@ class _Checker:
     def data(self) -> None:
         from tad_torchtune.data.checks import build_datasets, dataset_size_problems
 
-        if not self.check_data or self.tokenizer is None or self.cfg.get("dataset") is None:
-            return
-        if self.reported("dataset"):
+        if not self.check_data or self.tokenizer is None or self.cfg.get("dataset") is None or self.reported("dataset"):
             return
         parts, found = build_datasets(self.cfg, self.tokenizer)
         self.add(found)
