@@ -6,7 +6,8 @@ builds; they stay config nodes. *Settings* (batch geometry, loss weights, checkp
 ``on_policy:`` section, ...) are plain values: :func:`parse_settings` reads them into a frozen
 :class:`RecipeSettings`, applying the defaults and the type/range rules of :data:`SCHEMA` in one place.
 
-``tad-tune validate`` reports :func:`settings_problems` (one line per bad value, the key named); the recipe,
+``tad-tune validate`` reports :func:`settings_problems` (one line per bad value, the key named), and
+:func:`key_problems` / :func:`component_problems` (keys and component arguments the recipe never reads); the recipe,
 after validation passed, reads its settings from the same parse and never from the raw config. So a value the
 validator accepts is exactly the value the recipe uses, and a default lives in one place.
 """
@@ -14,11 +15,14 @@ validator accepts is exactly the value the recipe uses, and a default lives in o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from tad_torchtune.check_tools import one_line, suggest
 
 if TYPE_CHECKING:
     from tad_torchtune.training.on_policy import OnPolicySettings
@@ -38,7 +42,9 @@ __all__ = [
     "Num",
     "RecipeSettings",
     "StudentSettings",
+    "component_problems",
     "fused_mode",
+    "key_problems",
     "loss_weights",
     "parse_peak_flops",
     "parse_settings",
@@ -62,6 +68,7 @@ COMPONENT_KEYS = (
     "model teacher_model checkpointer teacher_checkpointer tokenizer teacher_tokenizer loss kd_loss optimizer "
     "lr_scheduler metric_logger"
 ).split()
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w]*)")  # ${name...}: a top-level key used as a variable
 
 
 def _fmt(x: float) -> str:
@@ -350,6 +357,72 @@ def _suggest(value: str, valid: tuple[str, ...]) -> str:
 
     close = difflib.get_close_matches(value, valid, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def key_problems(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(key, message) for every top-level key the recipe never reads (the closest of :data:`RECIPE_KEYS` named).
+
+    A key that an interpolation elsewhere refers to (``${assets_dir}``) is a variable, not a mistake.
+
+    Args:
+        cfg (DictConfig): the recipe config.
+
+    Returns:
+        list[tuple[str, str]]: e.g. ``[("epohcs", "unknown config key; did you mean 'epochs'?")]``.
+    """
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    referenced = set(_INTERPOLATION.findall(OmegaConf.to_yaml(OmegaConf.create(raw))))
+    out: list[tuple[str, str]] = []
+    for key in cfg.keys():
+        key = str(key)
+        if key in RECIPE_KEYS or key in referenced:
+            continue
+        out.append((key, f"unknown config key{suggest(key, RECIPE_KEYS) or ' (the recipe never reads it)'}"))
+    return out
+
+
+def component_problems(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(key, message) for every component node (:data:`COMPONENT_KEYS`, ``dataset``) that is not a mapping with an
+    importable ``_component_``, and for every argument its builder does not take (closest argument named).
+
+    Args:
+        cfg (DictConfig): the recipe config.
+
+    Returns:
+        list[tuple[str, str]]: e.g. ``[("kd_loss.topk", "tad_torchtune.TADLoss has no argument 'topk'; ...")]``.
+    """
+    import inspect
+
+    from torchtune.config._utils import _get_component_from_path
+
+    nodes = [(k, cfg.get(k)) for k in COMPONENT_KEYS]
+    ds = cfg.get("dataset")
+    nodes += [(f"dataset[{i}]", d) for i, d in enumerate(ds)] if isinstance(ds, ListConfig) else [("dataset", ds)]
+    out: list[tuple[str, str]] = []
+    for key, node in nodes:
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_component_" not in node:
+            out.append((key, "expected a mapping with a _component_ (dotted path of a builder or class)"))
+            continue
+        path = str(node["_component_"])
+        try:
+            target = _get_component_from_path(path)
+        except Exception as err:
+            out.append((f"{key}._component_", f"cannot import {path!r} ({one_line(err)})"))
+            continue
+        try:
+            params = inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            continue
+        valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for arg in node:
+            if arg != "_component_" and arg not in valid:
+                hint = suggest(str(arg), valid) or f" (it takes {', '.join(valid)})"
+                out.append((f"{key}.{arg}", f"{path} has no argument {arg!r}{hint}"))
+    return out
 
 
 def settings_problems(cfg: DictConfig) -> list[tuple[str, str]]:

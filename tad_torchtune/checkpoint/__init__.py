@@ -4,6 +4,8 @@
 - :mod:`.manifest`: per-checkpoint ``manifest.json`` with file sizes and SHA-256 and the run's identity;
   verification on resume; stale partial checkpoints removed.
 - :mod:`.safe_load`: ``weights_only`` / safetensors loading; pickles with payloads are refused.
+- :mod:`.checks`: the start-up checks of ``tad-tune validate`` on checkpoints (the files the checkpointers name,
+  the step checkpoint a run resumes).
 
 The HF-format checkpointer of the models (``tad_torchtune.models.HFCheckpointer``) stays with the models whose
 weights it converts. See ``docs/reliability.md``.

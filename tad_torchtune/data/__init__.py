@@ -2,7 +2,8 @@
 
 YAML builders (``_component_``): :func:`packed_token_dataset`, :func:`orcamel_dataset`,
 :func:`instruction_dataset`. Pre-tokenisation: :func:`write_token_file` / ``tad-tune tokenize``.
-Start-up check: :func:`check_vocab_alignment`. Offline tests and examples: :func:`byte_tokenizer`, a byte-level
+Start-up checks: :func:`check_vocab_alignment`; :mod:`.checks` (tokenizers and datasets, for
+``tad-tune validate``). Offline tests and examples: :func:`byte_tokenizer`, a byte-level
 ``ModelTokenizer`` that needs no files. See ``docs/data.md``.
 """
 

@@ -3,7 +3,8 @@
 Every builder here is usable from YAML by ``_component_`` path, e.g.
 ``model._component_: tad_torchtune.models.phi2_2_7b``; checkpoints load with
 ``checkpointer._component_: tad_torchtune.models.HFCheckpointer`` (torchtune's HF checkpointer plus
-``model_type: PHI2``, ``QWEN3`` and a corrected ``GEMMA2``). See ``docs/models.md``.
+``model_type: PHI2``, ``QWEN3`` and a corrected ``GEMMA2``). ``tad-tune validate``'s model checks (built on the
+meta device, sizes that fit each other) are in :mod:`.checks`. See ``docs/models.md``.
 """
 
 from tad_torchtune.models.builders import (

@@ -44,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torchtune import config
 
+    from tad_torchtune.check_tools import model_vocab
+    from tad_torchtune.config_loader import load_config
     from tad_torchtune.offline.engine import run_pass
     from tad_torchtune.offline.models import load_model, logits_of
     from tad_torchtune.offline.teacher_cache import DatasetSource, SparseTeacherWriter, bytes_per_position
     from tad_torchtune.recipes.kd_tad import build_dataset
-    from tad_torchtune.validate import load_config, model_vocab
 
     cfg = load_config(args.config, args.overrides)
     for key in ("teacher_model", "teacher_checkpointer", "dataset", "tokenizer", "model"):

@@ -8,7 +8,8 @@ Crash-safe checkpoints, their manifests and safe loading live in :mod:`tad_torch
 - :mod:`.errors`: a refused input ends any command with one message and a non-zero exit (``--debug``: traceback).
 - :mod:`.fault`: named points where the crash tests' hooks (installed by the tests only) may kill the process.
 
-Start-up config validation lives in :mod:`tad_torchtune.validate`. See ``docs/reliability.md``.
+Start-up config validation runs from :mod:`tad_torchtune.validate` (the ``output_dir`` check is
+:func:`.run_identity.output_dir_problems`). See ``docs/reliability.md``.
 """
 
 from tad_torchtune.reliability.guards import NonFiniteError, NonFiniteGuard

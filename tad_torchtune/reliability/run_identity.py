@@ -8,6 +8,7 @@
 - :func:`compare_configs`: on resume, keys that change what the run computes (models, data, batch geometry,
   world size, losses, seed, optimizer kind) are refused with old and new values; keys that may change between
   restarts (epochs, logging, saving, learning rate and schedule, performance switches) are reported as changes.
+- :func:`output_dir_problems`: the start-up check of ``output_dir`` (a writable folder no live run holds).
 - :class:`ParentWatch`: a worker whose launcher (``torchrun``'s agent) died stops at the next step boundary.
 
 All of this runs before any model is built. See ``docs/reliability.md``.
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -121,6 +123,45 @@ class RunLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+def output_dir_problems(output_dir: Any, *, check_lock: bool = True) -> list[tuple[str, str]]:
+    """The start-up check of ``output_dir`` (``tad-tune validate``): given, a folder (or creatable as one), not
+    locked by another live run, writable (a probe file in the nearest existing folder, removed at once).
+
+    Args:
+        output_dir (Any): the config's ``output_dir`` (None when missing).
+        check_lock (bool): refuse a folder whose :class:`RunLock` another process holds. Default: True
+
+    Returns:
+        list[tuple[str, str]]: at most one ``("output_dir", message)``.
+    """
+    if output_dir is None:
+        return [("output_dir", "is required")]
+    path = Path(str(output_dir))
+    if path.exists() and not path.is_dir():
+        return [("output_dir", f"{path} exists and is not a folder")]
+    holder = RunLock.holder(path) if check_lock else None
+    if holder is not None:
+        return [
+            (
+                "output_dir",
+                f"{path} is in use by another run ({holder}); wait for it to end, stop it, or use another output_dir",
+            )
+        ]
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return [("output_dir", f"{path} cannot be created: {probe_dir} is a file, not a folder")]
+    try:
+        fd, name = tempfile.mkstemp(prefix=".tad_write_probe_", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        where = "" if probe_dir == path else f" (its nearest existing parent {probe_dir})"
+        return [("output_dir", f"{path}{where} is not writable ({err.strerror})")]
+    return []
 
 
 def new_run_id() -> str:

@@ -37,6 +37,7 @@ from torch import nn
 __all__ = [
     "OnPolicy",
     "OnPolicySettings",
+    "fit_problems",
     "generate",
     "on_policy_decision",
     "prompt_lengths",
@@ -569,3 +570,83 @@ def prompt_mask_problem(samples: Sequence[Mapping[str, Any]], ignore_index: int)
     if samples and trained == 0:
         return f"the first {len(samples)} samples have no trained label: there is no response to replace"
     return None
+
+
+def fit_problems(
+    cfg: Mapping[str, Any],
+    *,
+    loss_weight: Callable[[str], float],
+    models: Mapping[str, nn.Module],
+    dataset_parts: Sequence[Any],
+    notes: list[str],
+) -> list[tuple[str, str]]:
+    """Whether the ``on_policy:`` section fits the rest of a recipe config (a start-up check of ``validate``).
+
+    With ``on_policy.fraction`` > 0: no ``teacher_cache`` (samples are new tokens), unpacked data, a divergence
+    to grade the samples, prompts + ``max_new_tokens`` within both models' ``max_seq_len``, and prompt-masked
+    samples. Run after the section's own values passed :func:`settings_problems`.
+
+    Args:
+        cfg (Mapping[str, Any]): the recipe config (a DictConfig).
+        loss_weight (Callable[[str], float]): ``"kd_weight"`` -> the divergence's weight as the recipe uses it
+            (``kd_ratio`` applied); called only where a check needs it.
+        models (Mapping[str, nn.Module]): ``"model"`` / ``"teacher_model"`` as built (meta device is fine), those
+            that built.
+        dataset_parts (Sequence[Any]): the datasets built for the run (empty when data was not built); their
+            first 32 samples each are checked for a prompt mask.
+        notes (list[str]): receives what could not be checked before the run.
+
+    Returns:
+        list[tuple[str, str]]: (key, message) per problem, e.g. ``("on_policy.fraction", "needs unpacked ...")``.
+    """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    node = cfg.get("on_policy")
+    if node is None:
+        return []
+    settings = OnPolicySettings.from_config(node)
+    if settings.fraction == 0:
+        return []
+    if cfg.get("teacher_cache") is not None:
+        return [
+            (
+                "on_policy.fraction",
+                "cannot be used with teacher_cache: the student's samples are new tokens no cache holds; set "
+                "on_policy.fraction: 0 or remove teacher_cache",
+            )
+        ]
+    ds = cfg.get("dataset")
+    nodes = list(ds) if isinstance(ds, ListConfig) else [ds] if ds is not None else []
+    if any(isinstance(d, DictConfig) and d.get("packed", False) for d in nodes):
+        return [("on_policy.fraction", "needs unpacked data (packed: true puts several prompts in a row)")]
+    out: list[tuple[str, str]] = []
+    if loss_weight("kd_weight") == 0:
+        out.append(
+            (
+                "on_policy.fraction",
+                "needs a divergence to grade the samples; kd_weight is 0 (CE on the "
+                "student's own samples teaches nothing new)",
+            )
+        )
+    limits = [getattr(models.get(k), "max_seq_len", None) for k in ("model", "teacher_model")]
+    limits = [n for n in limits if isinstance(n, int)]
+    data_limits = [OmegaConf.select(cfg, "tokenizer.max_seq_len", default=None)]
+    data_limits += [d.get("max_seq_len") for d in nodes if isinstance(d, DictConfig)]
+    data_limits = [n for n in data_limits if isinstance(n, int) and n > 0]
+    if limits and data_limits:
+        problem = length_problem(settings.max_new_tokens, min(data_limits), min(limits))
+        if problem is not None:
+            out.append(("on_policy.max_new_tokens", problem))
+    elif limits:
+        notes.append(
+            "on_policy: the data sets no max_seq_len, so prompt + max_new_tokens cannot be checked before the "
+            "run; generation stops at the models' max_seq_len"
+        )
+    if dataset_parts:
+        loss = cfg.get("loss")
+        ignore = int(loss.get("ignore_index", -100)) if isinstance(loss, DictConfig) else -100
+        samples = [part[i] for part in dataset_parts for i in range(min(len(part), 32))]
+        problem = prompt_mask_problem(samples, ignore)
+        if problem is not None:
+            out.append(("dataset", problem))
+    return out
