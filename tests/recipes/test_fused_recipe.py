@@ -68,14 +68,14 @@ def _run(assets, out, fused, **overrides):
 
 
 def _assert_same_training(chunked, fused):
-    assert chunked._fused_loss is None and isinstance(fused._fused_loss, FusedLinearDistillationLoss)
+    assert chunked.fused_loss is None and isinstance(fused.fused_loss, FusedLinearDistillationLoss)
     assert len(chunked.metrics_history) == len(fused.metrics_history) == _STEPS
     for a, b in zip(chunked.metrics_history, fused.metrics_history, strict=True):
         assert set(a) == set(b)  # same metric keys: losses, the divergence's statistics, grad_norm...
         for key in set(a) - set(_NOT_COMPARED):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
     # The gradient every step applied, parameter by parameter: under SGD, the step's whole effect.
-    names = [n for n, _ in chunked._model.named_parameters()]
+    names = [n for n, _ in chunked.student.named_parameters()]
     assert len(chunked.applied_grads) == len(fused.applied_grads) == _STEPS
     bounds = dict.fromkeys(names, 0.0)
     for step, (gc, gf) in enumerate(zip(chunked.applied_grads, fused.applied_grads, strict=True), start=1):
@@ -86,7 +86,7 @@ def _assert_same_training(chunked, fused):
             assert err <= tol, f"step {step} {name}: max |grad difference| {err:.3g} > {tol:.3g}"
             bounds[name] += _LR * tol
     # Hence the students: a parameter differs by at most lr * its summed gradient tolerance (+ fp32 rounding).
-    sd_c, sd_f = chunked._model.state_dict(), fused._model.state_dict()
+    sd_c, sd_f = chunked.student.state_dict(), fused.student.state_dict()
     for name in names:
         assert (sd_c[name] - sd_f[name]).abs().max().item() <= bounds[name] + 1e-7, name
 
@@ -96,7 +96,7 @@ def test_fused_tad_matches_chunked_and_is_the_default(tiny_assets, tmp_path):
     chunked = _run(tiny_assets, tmp_path / "chunked", False)
     fused = _run(tiny_assets, tmp_path / "fused", "auto")
     _assert_same_training(chunked, fused)
-    assert fused._teacher_model.output.weight.size(0) > fused._model.output.weight.size(0)
+    assert fused.teacher.output.weight.size(0) > fused.student.output.weight.size(0)
     assert {"alpha_t_mean", "w_mean", "dkl1_mean", "tail_mean", "topk_overlap_mean"} <= set(fused.metrics_history[0])
     assert OmegaConf.load("configs/tiny_cpu.yaml").fused_loss == "auto"
 
@@ -106,7 +106,7 @@ def test_fused_kd_loss_component_with_small_slices(tiny_assets, tmp_path):
     chunked = _run(tiny_assets, tmp_path / "chunked", False)
     node = {"_component_": "tad_torchtune.losses.fused_linear.FusedLinearTADLoss", "top_k": 10, "beta": 2.0}
     fused = _run(tiny_assets, tmp_path / "fused", True, kd_loss={**node, "chunk_size": 16})
-    assert fused._fused_loss.chunk_size == 16
+    assert fused.fused_loss.chunk_size == 16
     _assert_same_training(chunked, fused)
 
 
@@ -115,7 +115,7 @@ def test_fused_chunk_size_cuts_rows_and_trains_the_same(tiny_assets, tmp_path):
     takes its two-pass schedule; training still equals the chunked-logits path. A bad value is refused."""
     chunked = _run(tiny_assets, tmp_path / "chunked", False)
     fused = _run(tiny_assets, tmp_path / "fused", "auto", fused_chunk_size=16)
-    assert fused._fused_loss.chunk_size == 16 and "16 tokens per slice" in fused._loss_path_message
+    assert fused.fused_loss.chunk_size == 16 and "16 tokens per slice" in fused.loss_path
     _assert_same_training(chunked, fused)
     from tad_torchtune.recipes.kd_tad import KDTADRecipe
 
@@ -136,7 +136,7 @@ def test_fused_forward_kl_tied_student_cosine_accumulation(tiny_assets, tmp_path
     }
     chunked = _run(tiny_assets, tmp_path / "chunked", False, **overrides)
     fused = _run(tiny_assets, tmp_path / "fused", True, **overrides)
-    assert hasattr(fused._model.output, "tied_module")
+    assert hasattr(fused.student.output, "tied_module")
     assert fused.metrics_history[0]["cosine_loss"] > 0
     _assert_same_training(chunked, fused)
 

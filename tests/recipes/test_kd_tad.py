@@ -109,7 +109,7 @@ def test_forward_kl_and_clm_only_train(tiny_assets, tmp_path):
     assert "w_mean" not in fkl.metrics_history[0]  # TAD-only statistics are absent
     assert fkl.metrics_history[-1]["kd_loss"] < fkl.metrics_history[0]["kd_loss"]
     clm = run_in_process(tiny_cfg(tiny_assets, tmp_path / "clm", kd_weight=0.0, max_steps_per_epoch=4))
-    assert clm._teacher_model is None
+    assert clm.teacher is None
     assert all(m["kd_loss"] == 0.0 and m["loss"] == m["ce_loss"] for m in clm.metrics_history)
     assert clm.metrics_history[-1]["ce_loss"] < clm.metrics_history[0]["ce_loss"]
 

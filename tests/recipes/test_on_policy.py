@@ -159,7 +159,7 @@ def test_loss_and_gradient_on_the_samples_match_a_hand_computation(
     cfg = on_policy_cfg(tiny_assets, tmp_path / "run", max_steps_per_epoch=1, **{"on_policy.fraction": 1.0})
     cfg.kd_loss = node
     recipe = run_in_process(cfg)
-    assert (recipe._fused_loss is not None) == (reference == "tad")
+    assert (recipe.fused_loss is not None) == (reference == "tad")
     (micro,) = seen
     student, teacher = qwen2(**STUDENT_KWARGS), qwen2(**TEACHER_KWARGS)
     student.load_state_dict(torch.load(tiny_assets / "student/model.pt", weights_only=True))

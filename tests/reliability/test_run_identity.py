@@ -239,7 +239,7 @@ def test_nan_teacher_row_past_the_student_vocabulary_is_ignored_by_both_paths(as
         runs[fused] = _train(tiny_cfg(assets, tmp_path / f"run_{fused}", **over))
     assert runs["auto"]._fused_loss is not None and runs[False]._fused_loss is None
     for r in runs.values():
-        assert r._guard.skipped == 0
+        assert r.guard.skipped == 0
     for a, b in zip(runs["auto"].metrics_history, runs[False].metrics_history, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
