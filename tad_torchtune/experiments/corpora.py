@@ -1,4 +1,4 @@
-"""Training corpora made by an offline teacher step, for grid variants (the grid's ``data`` section).
+"""Training corpora made by an offline step, for grid variants (the grid's ``data`` section).
 
 A variant with ``data: NAME`` trains on corpus ``NAME`` instead of the setup's training text. The runner builds
 each corpus once per grid folder, before the first run that needs it, under a lock (shards of one grid share
@@ -12,11 +12,15 @@ it), and keeps it under ``OUT/data/NAME/``::
                                    ``packed_token_dataset`` with the setup's ``seq_len``
     OUT/data/NAME/seqkd/           seqkd: the teacher's greedy continuations of the pool windows' first
                                    ``prefix_len`` tokens (``tad-tune offline generate``), read by ``seqkd_dataset``
+    OUT/data/NAME/prompts/         prompts: the pool windows split into their first ``prefix_len`` tokens (the
+                                   prompt) and the next ``response_len`` (the original text's response), in the
+                                   Seq-KD folder format and read by ``seqkd_dataset``: prompt-masked items for
+                                   on-policy distillation (no model runs)
     OUT/data/NAME/corpus.json      written last: the recipe's dataset node and the step's cost (teacher
                                    passes, tokens, wall seconds, bytes on disk)
 
-The scoring and generation passes are :func:`tad_torchtune.offline.run_pass` passes: an interrupted build
-resumes from its last complete shard.
+The scoring, generation and split passes are :func:`tad_torchtune.offline.run_pass` passes: an interrupted
+build resumes from its last complete shard.
 """
 
 from __future__ import annotations
@@ -180,9 +184,42 @@ def _miniplm(setup: Any, spec: dict[str, Any], folder: Path, pool: Path, progres
     }
 
 
+def _prompt_response_pass(
+    setup: Any,
+    writer: Any,
+    out: Path,
+    pool: Path,
+    *,
+    cut: int | None,
+    item_len: int,
+    train_on_prompt: bool,
+    batch_size: int,
+    progress: bool,
+) -> tuple[dict[str, Any], int, dict[str, np.ndarray]]:
+    """A Seq-KD-format pass over the pool windows and the recipe's dataset node that reads it.
+
+    Args:
+        cut (int | None): the instances are the windows' first ``cut`` ids (Seq-KD's prompts); None: whole windows.
+        item_len (int): prompt + response tokens, the dataset's ``max_seq_len``.
+
+    Returns:
+        (the dataset node, the number of items, the pass's ``lengths`` and ``stopped``).
+    """
+    from tad_torchtune.offline.engine import WindowSource, load_pass, run_pass
+
+    source = WindowSource(pool, max_seq_len=setup.seq_len, prefix_len=cut)
+    run_pass(source, writer, out, shard_size=_SHARD_SIZE, batch_size=batch_size, progress=progress)
+    dataset = {
+        "_component_": "tad_torchtune.offline.seqkd_dataset",
+        "path": str(out),
+        "max_seq_len": item_len,
+        "train_on_prompt": train_on_prompt,
+    }
+    return dataset, len(source), load_pass(out, keys=["lengths", "stopped"])
+
+
 def _seqkd(setup: Any, spec: dict[str, Any], folder: Path, pool: Path, tokenizer: Any, progress: bool) -> dict:
     from tad_torchtune.data import tokenizer_tools as tk
-    from tad_torchtune.offline.engine import WindowSource, load_pass, run_pass
     from tad_torchtune.offline.seqkd import SeqKDWriter, stop_ids_of
 
     t0 = time.perf_counter()
@@ -195,27 +232,65 @@ def _seqkd(setup: Any, spec: dict[str, Any], folder: Path, pool: Path, tokenizer
         vocab_size=tk.vocab_size(tokenizer),
         end_id=tk.eos_id(tokenizer),
     )
-    source = WindowSource(pool, max_seq_len=setup.seq_len, prefix_len=spec["prefix_len"])
     out = folder / "seqkd"
-    run_pass(source, writer, out, shard_size=_SHARD_SIZE, batch_size=spec["batch_size"], progress=progress)
+    dataset, n, data = _prompt_response_pass(
+        setup,
+        writer,
+        out,
+        pool,
+        cut=spec["prefix_len"],
+        item_len=spec["prefix_len"] + spec["max_new_tokens"],
+        train_on_prompt=spec["train_on_prompt"],
+        batch_size=spec["batch_size"],
+        progress=progress,
+    )
     del teacher, writer
     seconds = time.perf_counter() - t0
-    data = load_pass(out, keys=["lengths", "stopped"])
     return {
-        "dataset": {
-            "_component_": "tad_torchtune.offline.seqkd_dataset",
-            "path": str(out),
-            "max_seq_len": spec["prefix_len"] + spec["max_new_tokens"],
-            "train_on_prompt": spec["train_on_prompt"],
-        },
+        "dataset": dataset,
         "cost": {
             "teacher_passes": "one greedy decode (KV cache) per prompt: max_new_tokens sequential steps per batch",
-            "prompts": len(source),
-            "prompt_tokens": len(source) * spec["prefix_len"],
+            "prompts": n,
+            "prompt_tokens": n * spec["prefix_len"],
             "generated_tokens": int(data["lengths"].sum()),
             "stopped_early": int(data["stopped"].sum()),
             "generate_seconds": round(seconds, 1),
             "seqkd_bytes": _bytes(out),
+        },
+    }
+
+
+def _prompts(setup: Any, spec: dict[str, Any], folder: Path, pool: Path, progress: bool) -> dict:
+    """Each pool window split into its first ``prefix_len`` ids and the next ``response_len`` (the original text).
+
+    Only ids ``[0, seq_len)`` of a pool window are the original window's (its last label is the next pool
+    window's first id, :func:`write_windows`); the grid checks ``prefix_len + response_len <= seq_len``.
+    """
+    from tad_torchtune.offline.seqkd import ReferenceSplitWriter
+
+    t0 = time.perf_counter()
+    writer = ReferenceSplitWriter(prefix_len=spec["prefix_len"], response_len=spec["response_len"])
+    out = folder / "prompts"
+    dataset, n, data = _prompt_response_pass(
+        setup,
+        writer,
+        out,
+        pool,
+        cut=None,
+        item_len=spec["prefix_len"] + spec["response_len"],
+        train_on_prompt=False,  # the prompt mask on-policy distillation reads (docs/on_policy.md)
+        batch_size=64,
+        progress=progress,
+    )
+    return {
+        "dataset": dataset,
+        "cost": {
+            "teacher_passes": "none: the response is the original text after the prompt",
+            "prompts": n,
+            "prompt_tokens": n * spec["prefix_len"],
+            "response_tokens": int(data["lengths"].sum()),
+            "split_seconds": round(time.perf_counter() - t0, 2),
+            "prompts_bytes": _bytes(out),
         },
     }
 
@@ -251,8 +326,10 @@ def build_corpus(setup: Any, name: str, progress: bool = False) -> dict[str, Any
     log.info("data.%s: building the %s corpus from %d windows in %s", name, spec["kind"], spec["windows"], folder)
     if spec["kind"] == "miniplm":
         built = _miniplm(setup, spec, folder, pool, progress)
-    else:
+    elif spec["kind"] == "seqkd":
         built = _seqkd(setup, spec, folder, pool, tokenizer, progress)
+    else:
+        built = _prompts(setup, spec, folder, pool, progress)
     built["cost"]["wall_seconds"] = round(time.perf_counter() - t0, 1)  # this session's (a resume skips shards)
     built["cost"]["pool_bytes"] = _bytes(pool, pool.with_suffix(".json"))
     record = {"name": name, "spec": spec, **built}

@@ -15,14 +15,16 @@ grid and its GPU profile)::
       TAD: {overrides: {kd_loss: {_component_: tad_torchtune.TADLoss, top_k: 10, beta: 2.0}}}
     compare: [[TAD, KD]]                             # paired differences A - B in the report
 
-A variant may train on another corpus, made once per grid folder by an offline teacher step
+A variant may train on another corpus, made once per grid folder by an offline step
 (``experiments/corpora.py``)::
 
     data:
       miniplm: {kind: miniplm, windows: 128, fraction: 0.5, reference_layers: "0-3,26-29"}
       seqkd: {kind: seqkd, windows: 48, prefix_len: 96, max_new_tokens: 32}
+      prompts: {kind: prompts, windows: 48, prefix_len: 96, response_len: 32}   # no teacher: the original text
     variants:
       MiniPLM_CE: {data: miniplm, overrides: {kd_loss: null, kd_weight: 0.0}}
+      OnPolicy: {data: prompts, overrides: {on_policy: {fraction: 1.0, max_new_tokens: 32}}}  # docs/on_policy.md
 
 Every run is the real ``knowledge_distillation_tad`` recipe; a variant is any set of recipe-config overrides
 (a dotted key sets one value, a mapping replaces the whole node), so a method added to the recipe joins a
@@ -53,11 +55,12 @@ _STUDENT_KEYS = {"layers", "intermediate_dim"}
 _BUDGET_KEYS = {"steps", "batch_size"}
 _EVAL_KEYS = {"every_steps", "curve_sequences", "ks", "n_bins", "batch_size"}
 _VARIANT_KEYS = {"overrides", "seeds", "student", "label", "data"}
-DATA_KINDS = ("miniplm", "seqkd")
+DATA_KINDS = ("miniplm", "seqkd", "prompts")
 _DATA_COMMON = {"kind", "windows", "sample_seed", "batch_size", "dtype"}
 _DATA_KEYS = {
     "miniplm": _DATA_COMMON | {"fraction", "reference_layers"},
     "seqkd": _DATA_COMMON | {"prefix_len", "max_new_tokens", "train_on_prompt"},
+    "prompts": {"kind", "windows", "sample_seed", "prefix_len", "response_len"},  # no model: no batch or dtype
 }
 
 
@@ -168,11 +171,21 @@ def _seeds(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _fits(prefix_len: int, key: str, value: int, seq_len: int, where: str) -> None:
+    """An example (prompt + response) must fit one training window, hence the students' context."""
+    if prefix_len + value > seq_len:
+        raise _fail(
+            where,
+            f"prefix_len + {key} = {prefix_len + value} > setup.seq_len ({seq_len}); an example must fit the "
+            f"students' context: lower prefix_len or {key}",
+        )
+
+
 def _parse_data(raw: dict[str, Any], setup: dict[str, Any], run_windows: int) -> dict[str, dict[str, Any]]:
     """The ``data`` section: named training corpora made by an offline teacher step, defaults filled in.
 
     ``run_windows`` (steps x batch size) is how many training windows a run sees: the defaults make a
-    MiniPLM pool twice that (the selected half is one run's worth) and one Seq-KD prompt per window.
+    MiniPLM pool twice that (the selected half is one run's worth) and one Seq-KD or prompts item per window.
     """
     seq_len = int(setup["seq_len"])
     corpora = {}
@@ -185,15 +198,19 @@ def _parse_data(raw: dict[str, Any], setup: dict[str, Any], run_windows: int) ->
         if kind not in DATA_KINDS:
             raise _fail(f"{where}.kind", f"must be one of {', '.join(DATA_KINDS)}, got {kind!r}")
         _check_keys(node, _DATA_KEYS[kind], where)
+        out: dict[str, Any] = {"kind": kind, "sample_seed": _int(node, "sample_seed", where, default=0, low=0)}
+        if kind == "prompts":  # windows split into prompt and the original continuation: no model runs
+            out["windows"] = _int(node, "windows", where, default=run_windows)
+            out["prefix_len"] = _int(node, "prefix_len", where, default=None)
+            out["response_len"] = _int(node, "response_len", where, default=None)
+            _fits(out["prefix_len"], "response_len", out["response_len"], seq_len, where)
+            corpora[cname] = out
+            continue
         dtype = node.get("dtype", "fp32")
         if dtype not in ("fp32", "bf16"):
             raise _fail(f"{where}.dtype", f"must be fp32 or bf16, got {dtype!r}")
-        out: dict[str, Any] = {
-            "kind": kind,
-            "sample_seed": _int(node, "sample_seed", where, default=0, low=0),
-            "batch_size": _int(node, "batch_size", where, default=8),
-            "dtype": dtype,
-        }
+        out["batch_size"] = _int(node, "batch_size", where, default=8)
+        out["dtype"] = dtype
         if kind == "miniplm":
             fraction = node.get("fraction", 0.5)
             if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
@@ -210,12 +227,7 @@ def _parse_data(raw: dict[str, Any], setup: dict[str, Any], run_windows: int) ->
             out["windows"] = _int(node, "windows", where, default=run_windows)
             out["prefix_len"] = _int(node, "prefix_len", where, default=None)
             out["max_new_tokens"] = _int(node, "max_new_tokens", where, default=None)
-            if out["prefix_len"] + out["max_new_tokens"] > seq_len:
-                raise _fail(
-                    where,
-                    f"prefix_len + max_new_tokens = {out['prefix_len'] + out['max_new_tokens']} > setup.seq_len "
-                    f"({seq_len}); an example must fit the students' context",
-                )
+            _fits(out["prefix_len"], "max_new_tokens", out["max_new_tokens"], seq_len, where)
             train_on_prompt = node.get("train_on_prompt", False)
             if not isinstance(train_on_prompt, bool):
                 raise _fail(f"{where}.train_on_prompt", f"must be true or false, got {train_on_prompt!r}")

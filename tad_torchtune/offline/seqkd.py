@@ -258,6 +258,47 @@ class SeqKDWriter:
         }
 
 
+class ReferenceSplitWriter:
+    """A pass writer without a model: each window split into a prompt and the original text that follows it.
+
+    The records are :class:`SeqKDWriter`'s (prompt, continuation, lengths, ``stopped`` always false), so
+    :func:`seqkd_dataset` reads the folder the same way: prompt/response items with the reference continuation
+    instead of a teacher's (the off-policy data of on-policy distillation, ``docs/on_policy.md``).
+
+    Args:
+        prefix_len (int): prompt tokens: the first ``prefix_len`` ids of each instance.
+        response_len (int): the next ``response_len`` ids are the response.
+    """
+
+    kind = "reference_split"
+
+    def __init__(self, *, prefix_len: int, response_len: int):
+        if prefix_len < 1 or response_len < 1:
+            raise ValueError(f"prefix_len and response_len must be >= 1, got {prefix_len} and {response_len}")
+        self.settings = {"prefix_len": int(prefix_len), "response_len": int(response_len)}
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def records(self, batch: Batch) -> dict[str, np.ndarray]:
+        p, r = self.settings["prefix_len"], self.settings["response_len"]
+        lengths = batch.lengths.cpu().numpy()
+        if int(lengths.min()) < p + r:
+            raise ValueError(
+                f"an instance has {int(lengths.min())} ids, fewer than prefix_len + response_len = {p + r}"
+            )
+        toks = batch.tokens.cpu().numpy()
+        b = len(lengths)
+        return {
+            "prompt_tokens": toks[:, :p].reshape(-1).astype(np.int32),
+            "prompt_lengths": np.full(b, p, dtype=np.int64),
+            "tokens": toks[:, p : p + r].reshape(-1).astype(np.int32),
+            "lengths": np.full(b, r, dtype=np.int64),
+            "stopped": np.zeros(b, dtype=np.bool_),
+            "_tokens": np.full(b, p + r, dtype=np.int64),
+        }
+
+
 def orcamel_prompts(
     tokenizer: Any,
     sources: Sequence[tuple[str | Path, str, str]],
@@ -307,12 +348,14 @@ def orcamel_prompts(
 class SeqKDDataset(Dataset):
     """A Seq-KD pass folder as the recipe's dataset: ``{"tokens": prompt + continuation, "labels": ...}``.
 
+    Also reads a :class:`ReferenceSplitWriter` pass (the same records, the original text as continuation).
+
     Labels are unshifted (``shifted_labels = False``, the SFT convention; the recipe shifts them) and masked
     (``-100``) on the prompt unless ``train_on_prompt``. Examples longer than ``max_seq_len`` are cut; those
     whose continuation is empty (or cut away) are dropped.
 
     Args:
-        path (str | Path): a complete ``seqkd`` pass (``tad-tune offline generate``).
+        path (str | Path): a complete ``seqkd`` pass (``tad-tune offline generate``) or ``reference_split`` pass.
         max_seq_len (int): longest example. Default: 2048.
         train_on_prompt (bool): also take the loss on prompt tokens. Default: False.
     """
@@ -321,8 +364,11 @@ class SeqKDDataset(Dataset):
 
     def __init__(self, path: str | Path, max_seq_len: int = 2048, train_on_prompt: bool = False):
         manifest = read_manifest(path)
-        if manifest["identity"]["writer"] != SeqKDWriter.kind:
-            raise ValueError(f"{path} holds a {manifest['identity']['writer']!r} pass, not Seq-KD generations")
+        if manifest["identity"]["writer"] not in (SeqKDWriter.kind, ReferenceSplitWriter.kind):
+            raise ValueError(
+                f"{path} holds a {manifest['identity']['writer']!r} pass, not Seq-KD generations or reference "
+                "prompt/response splits"
+            )
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
         self.manifest = manifest

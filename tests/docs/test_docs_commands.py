@@ -31,7 +31,7 @@ RULES: list[tuple[str, str | None]] = [
     (r"python -m pytest", "runs the test suite itself"),
     (r"^tad-tune demo\b|\btad_demo/", "the SmolLM2 demo: minutes and GBs of RAM (tests/demo covers it)"),
     (
-        r"^tad-tune experiment (run|report) (tad_vs_kd|offline_cpu|experiments/)",
+        r"^tad-tune experiment (run|report) (tad_vs_kd|offline_cpu|on_policy_cpu|experiments/)",
         "a shipped experiment grid: hours on CPU or a GPU (tests/experiments runs a tiny grid)",
     ),
     (r"benchmarks/benchmark_offline\.py", "minutes of CPU with the demo's SmolLM2 teacher (a benchmark)"),
