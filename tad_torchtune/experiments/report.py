@@ -342,14 +342,19 @@ def write_report(folder: str | Path, to: str | Path | None = None) -> Path:
     _write_csv(out / "curves.csv", curve_rows)
 
     # --- Tables 1-2: TAD's K and beta sweeps (first student) ---
-    tad = [(v, _loss_settings(v.overrides)[1]) for v in main if _loss_settings(v.overrides)[0] == "TADLoss"]
+    # Only variants that differ from the base in the loss alone (no corpus, no other override) form a sweep.
+    tad = [
+        (v, _loss_settings(v.overrides)[1])
+        for v in main
+        if _loss_settings(v.overrides)[0] == "TADLoss" and v.data is None and set(v.overrides) == {"kd_loss"}
+    ]
     reference = next((v.name for v in main if _loss_settings(v.overrides)[0] == "ForwardKLLoss"), None)
     for title, key, fixed, fname in (
         ("Table 1: TAD's K (β = 2)", "top_k", ("beta", 2.0), "sweep_k.png"),
         ("Table 2: TAD's β (K = 10)", "beta", ("top_k", 10), "sweep_beta.png"),
     ):
         sweep = sorted(((args[key], v) for v, args in tad if float(args.get(fixed[0])) == fixed[1]), key=lambda x: x[0])
-        if len(sweep) < 2:
+        if len({x for x, _ in sweep}) < 2:  # one value is no sweep
             continue
         md += [
             f"## {title}",

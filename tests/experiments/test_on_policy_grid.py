@@ -97,6 +97,13 @@ def test_an_on_policy_variant_runs_in_the_grid_on_the_prompts_corpus(tmp_path):
     assert [r["num_tokens"] for r in off] == [16.0, 16.0]
     assert [r["num_tokens"] for r in on] == [2 * r["on_policy_gen_len_mean"] for r in on]
 
+    # The report pairs them; two TAD variants with the same K and beta are no K or beta sweep.
+    from tad_torchtune.experiments.report import write_report
+
+    md = write_report(out).read_text()
+    assert "| ON − OFF | heldout | fkl |" in md
+    assert "Table 1" not in md and "Table 2" not in md and not (out / "report" / "sweep_k.png").exists()
+
 
 @pytest.mark.parametrize(
     "corpus, words",
