@@ -81,11 +81,12 @@ def build_model(
         ck_cfg.checkpoint_files = "auto"
     if ck_cfg.get("checkpoint_files") in (None, "auto"):  # whatever weights the directory holds
         ck_cfg.checkpoint_files = _detect_checkpoint_files(Path(ck_cfg.checkpoint_dir))
-    if ck_cfg.get("output_dir") is None:
-        ck_cfg.output_dir = tempfile.mkdtemp(prefix="tad_eval_ckpt_")  # required by torchtune, never written here
     with training.set_default_dtype(dtype), device:
         model = config.instantiate(cfg[model_key])
-    state = config.instantiate(ck_cfg).load_checkpoint()[training.MODEL_KEY]
+    with tempfile.TemporaryDirectory(prefix="tad_eval_ckpt_") as scratch:
+        if ck_cfg.get("output_dir") is None:
+            ck_cfg.output_dir = scratch  # torchtune requires one; loading never writes there
+        state = config.instantiate(ck_cfg).load_checkpoint()[training.MODEL_KEY]
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

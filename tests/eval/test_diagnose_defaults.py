@@ -46,3 +46,23 @@ def test_compare_with_a_missing_csv_is_one_line(tmp_path, capsys):
     assert main(["compare", "--run", f"TAD={tmp_path / 'nope.csv'}", "--out", str(tmp_path / "k.png")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tad-tune diagnose compare: ") and "nope.csv" in err and len(err.splitlines()) == 1
+
+
+def test_loading_a_model_leaves_no_scratch_folder(assets, tmp_path, monkeypatch):
+    """Every model load made an empty tad_eval_ckpt_* folder in the temp dir for torchtune's checkpointer and
+    left it there (one per eval, diagnose and offline pass)."""
+    import tempfile
+
+    import torch
+
+    from tad_torchtune.eval.loading import build_model
+    from tad_torchtune.testing.tiny import tiny_config
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    cfg = tiny_config(assets, tmp_path / "out")
+    cfg.checkpointer.pop("output_dir", None)  # as in the eval configs: the load needs no output folder
+    model = build_model(cfg, "model", "checkpointer", torch.device("cpu"), torch.float32)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert list(scratch_root.iterdir()) == []
