@@ -42,6 +42,7 @@ __all__ = [
     "Num",
     "RecipeSettings",
     "StudentSettings",
+    "checked_settings",
     "component_problems",
     "fused_mode",
     "key_problems",
@@ -352,13 +353,6 @@ def _choice(key: str, value: Any) -> str:
     return str(value).strip().lower() if key == "fused_loss" else str(value)
 
 
-def _suggest(value: str, valid: tuple[str, ...]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(value, valid, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def key_problems(cfg: DictConfig) -> list[tuple[str, str]]:
     """(key, message) for every top-level key the recipe never reads (the closest of :data:`RECIPE_KEYS` named).
 
@@ -464,7 +458,7 @@ def settings_problems(cfg: DictConfig) -> list[tuple[str, str]]:
     for key, (accepted, default, spelled) in CHOICE_KEYS.items():
         value = _or_default(cfg, key, default)
         if _choice(key, value) not in accepted:
-            out.append((key, f"must be {spelled}, got {value!r}{_suggest(str(value), accepted)}"))
+            out.append((key, f"must be {spelled}, got {value!r}{suggest(str(value), accepted)}"))
     out += _loss_weight_problems(cfg)
     if cfg.get("peak_flops") is not None:
         try:
@@ -538,11 +532,30 @@ def parse_settings(cfg: DictConfig) -> RecipeSettings:
     Raises:
         ValueError: one line per problem :func:`settings_problems` finds (``tad-tune validate`` lists them).
     """
+    settings, problems = checked_settings(cfg)
+    if settings is None:
+        raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+    return settings
+
+
+def checked_settings(cfg: DictConfig) -> tuple[RecipeSettings | None, list[tuple[str, str]]]:
+    """:func:`settings_problems` and, when there are none, the settings: one check for validate and the recipe.
+
+    Args:
+        cfg (DictConfig): the recipe config.
+
+    Returns:
+        tuple[RecipeSettings | None, list[tuple[str, str]]]: the settings (None when a value is wrong) and the
+        problems (empty when the settings exist).
+    """
+    problems = settings_problems(cfg)
+    return (None, problems) if problems else (_typed_settings(cfg), [])
+
+
+def _typed_settings(cfg: DictConfig) -> RecipeSettings:
+    """The settings of a config whose values :func:`settings_problems` accepted."""
     from tad_torchtune.training.on_policy import OnPolicySettings
 
-    problems = settings_problems(cfg)
-    if problems:
-        raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
     ce_weight, kd_weight = loss_weights(cfg)
     clip = cfg.get("clip_grad_norm", None)
     teacher_cache = cfg.get("teacher_cache", None)

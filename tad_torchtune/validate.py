@@ -55,10 +55,9 @@ from tad_torchtune.check_tools import model_vocab, one_line
 from tad_torchtune.config_loader import load_config
 from tad_torchtune.recipe_settings import (
     RecipeSettings,
+    checked_settings,
     component_problems,
     key_problems,
-    parse_settings,
-    settings_problems,
     uses_live_teacher,
 )
 
@@ -166,9 +165,8 @@ class _Checker:
 
     def settings(self) -> None:
         """Every plain value (numbers, switches, choices, the on_policy section): ``recipe_settings``' rules."""
-        problems = settings_problems(self.cfg)
+        self.parsed, problems = checked_settings(self.cfg)
         self.add(problems)
-        self.parsed = None if problems else parse_settings(self.cfg)
 
     def output_dir(self) -> None:
         from tad_torchtune.reliability.run_identity import output_dir_problems

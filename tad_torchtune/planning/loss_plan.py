@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tad_torchtune.recipe_settings import FUSED_CHUNK_SIZE, fused_mode, loss_weights, uses_live_teacher
-from tad_torchtune.training.loss_path import fused_blocker
+from tad_torchtune.training.loss_path import fused_blocker, loss_blocker
 
 __all__ = ["PlannedLoss", "build_meta_model", "loads_teacher", "plan_loss"]
 
@@ -74,22 +74,21 @@ def plan_loss(cfg: DictConfig, student: Any = None, teacher: Any = None, gpus: i
     kind = ("tad" if component.endswith("TADLoss") else "kl") if live_divergence else "ce"
     if fused_mode(cfg) == "false":
         why = "fused_loss: false"
-    elif cache is not None:
-        why = "teacher_cache: the cached rows meet chunked logits"
-    elif not live_divergence:
-        why = "kd_weight is 0 (CE only: there is no divergence to fuse)"
     else:
         from torchtune.config._utils import _get_component_from_path
 
-        student = student if student is not None else build_meta_model(cfg.model)
-        teacher = teacher if teacher is not None else build_meta_model(cfg.teacher_model)
-        sharded = [str(x) for x in (cfg.get("custom_sharded_layers", None) or [])] if gpus > 1 else []
-        tied = hasattr(student.output, "tied_module")
-        alone = "output" if "output" in sharded and not tied else None
-        if tied and "tok_embeddings" in sharded:
-            alone = "tok_embeddings (tied to the output)"
         kd_type = _get_component_from_path(component) if component else None  # a node without one: unknown
-        why = fused_blocker(kd_weight, kd_type, student, teacher, alone) or ""
+        # The config decides first; the models are built (on the meta device) only when their heads matter.
+        why = loss_blocker(kd_weight, kd_type, cache is not None) or ""
+        if not why:
+            student = student if student is not None else build_meta_model(cfg.model)
+            teacher = teacher if teacher is not None else build_meta_model(cfg.teacher_model)
+            sharded = [str(x) for x in (cfg.get("custom_sharded_layers", None) or [])] if gpus > 1 else []
+            tied = hasattr(student.output, "tied_module")
+            alone = "output" if "output" in sharded and not tied else None
+            if tied and "tok_embeddings" in sharded:
+                alone = "tok_embeddings (tied to the output)"
+            why = fused_blocker(kd_weight, kd_type, student, teacher, alone) or ""
     fused = why == ""
     # A FusedLinear* kd_loss brings its own chunk_size; otherwise fused_chunk_size or the recipe's default.
     own = OmegaConf.select(cfg, "kd_loss.chunk_size", default=None)

@@ -422,8 +422,6 @@ class KDTADRecipe(FTRecipeInterface):
 
     def _fused_blocker(self) -> str | None:
         """Why the fused loss cannot be used for this run (None when it can); see ``training/loss_path.py``."""
-        if self._teacher_cache is not None:
-            return "teacher_cache is set (the cached teacher rows meet the student's logits)"
         # The fused loss reads the student's head weight inside the root forward, where FSDP2 has unsharded the
         # root's parameters; a head that is its own FSDP unit (custom_sharded_layers) is unsharded only by its
         # own forward, which the fused path never calls, and its gradient would miss its reduce-scatter.
@@ -433,7 +431,8 @@ class KDTADRecipe(FTRecipeInterface):
         if isinstance(head, FSDPModule):
             sharded_alone = "tok_embeddings (tied to the output)" if head is not out else "output"
         kd_type = type(self._kd_loss) if self._kd_loss is not None else None
-        return fused_blocker(self._kd_weight, kd_type, self._model, self._teacher_model, sharded_alone)
+        cached = self._teacher_cache is not None
+        return fused_blocker(self._kd_weight, kd_type, self._model, self._teacher_model, sharded_alone, cached)
 
     def _setup_fused_loss(self) -> None:
         """Decides between the fused path (hidden states + output weights, no logits) and chunked logits.

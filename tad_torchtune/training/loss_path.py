@@ -15,10 +15,30 @@ from tad_torchtune.losses.fused_linear import FusedLinearDistillationLoss, is_pl
 from tad_torchtune.losses.tad import TADLoss
 from tad_torchtune.recipe_settings import FUSED_CHUNK_SIZE
 
-__all__ = ["FUSABLE_DIVERGENCES", "FUSED_CHUNK_SIZE", "fused_blocker"]
+__all__ = ["FUSABLE_DIVERGENCES", "FUSED_CHUNK_SIZE", "fused_blocker", "loss_blocker"]
 
 #: Divergences the fused path is tested for (a ``FusedLinear*`` kd_loss is fused by construction).
 FUSABLE_DIVERGENCES = (TADLoss, ForwardKLLoss)
+
+
+def loss_blocker(kd_weight: float, kd_loss_type: type | None, teacher_cache: bool = False) -> str | None:
+    """The part of :func:`fused_blocker` the config alone decides (no model needed), or ``None``.
+
+    Args:
+        kd_weight (float): the recipe's ``kd_weight`` (0: CE only, nothing to fuse).
+        kd_loss_type (type | None): the class of ``kd_loss`` (``None`` when there is none).
+        teacher_cache (bool): the divergence reads a teacher cache, whose rows meet chunked logits. Default: False
+    """
+    if teacher_cache:
+        return "teacher_cache is set (the cached teacher rows meet the student's logits)"
+    if kd_weight == 0 or kd_loss_type is None:
+        return "kd_weight is 0 (CE only: there is no divergence to fuse)"
+    if not issubclass(kd_loss_type, (FusedLinearDistillationLoss, *FUSABLE_DIVERGENCES)):
+        return (
+            f"kd_loss is {kd_loss_type.__name__}; the fused path supports TADLoss and ForwardKLLoss "
+            "(or a FusedLinear* kd_loss)"
+        )
+    return None
 
 
 def fused_blocker(
@@ -27,24 +47,20 @@ def fused_blocker(
     student: Any,
     teacher: Any,
     head_sharded_alone: str | None = None,
+    teacher_cache: bool = False,
 ) -> str | None:
     """Why the fused loss cannot be used (a clause for a log line), or ``None`` when it can.
 
     Args:
-        kd_weight (float): the recipe's ``kd_weight`` (0: CE only, nothing to fuse).
-        kd_loss_type (type | None): the class of ``kd_loss`` (``None`` when there is none).
+        kd_weight, kd_loss_type, teacher_cache: as for :func:`loss_blocker`, checked first.
         student, teacher (Any): the built models (the meta device will do): torchtune ``TransformerDecoder`` s.
         head_sharded_alone (str | None): the name of the student's head when FSDP2 shards it as its own unit
             (``custom_sharded_layers``): the fused path reads its weight inside the root forward, where
             such a head is never whole. Default: None
     """
-    if kd_weight == 0 or kd_loss_type is None:
-        return "kd_weight is 0 (CE only: there is no divergence to fuse)"
-    if not issubclass(kd_loss_type, (FusedLinearDistillationLoss, *FUSABLE_DIVERGENCES)):
-        return (
-            f"kd_loss is {kd_loss_type.__name__}; the fused path supports TADLoss and ForwardKLLoss "
-            "(or a FusedLinear* kd_loss)"
-        )
+    why = loss_blocker(kd_weight, kd_loss_type, teacher_cache)
+    if why is not None:
+        return why
     for role, model in (("student", student), ("teacher", teacher)):
         if not (hasattr(model, "unembed") and hasattr(model, "norm")):
             return f"the {role} ({type(model).__name__}) is not a torchtune TransformerDecoder (.unembed, .norm)"
