@@ -27,6 +27,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from tad_torchtune.recipe_settings import loss_weights
+
 __all__ = [
     "TOKENIZER_FILES",
     "byte_level_hf_tokenizer",
@@ -312,11 +316,12 @@ def run_facts(cfg: Mapping[str, Any] | None, weights: Path | None, results: Path
             facts["teacher"] = f"`{t.get('_component_')}`" + _dims(t) + (f", weights `{ck}`" if ck else "")
         kd = cfg.get("kd_loss")
         parts = []
+        ce_weight, kd_weight = loss_weights(OmegaConf.create(dict(cfg)))  # torchtune's kd_ratio applied
         if kd:
             args = ", ".join(f"{k}={v}" for k, v in kd.items() if k in ("top_k", "beta", "temperature", "alpha"))
-            parts.append(f"{cfg.get('kd_weight', 1.0)} x `{kd.get('_component_')}`" + (f" ({args})" if args else ""))
-        if cfg.get("ce_weight", 1.0):
-            parts.append(f"{cfg.get('ce_weight', 1.0)} x cross-entropy")
+            parts.append(f"{kd_weight} x `{kd.get('_component_')}`" + (f" ({args})" if args else ""))
+        if ce_weight:
+            parts.append(f"{ce_weight} x cross-entropy")
         if cfg.get("cosine_weight"):
             parts.append(f"{cfg.get('cosine_weight')} x hidden-state cosine")
         facts["loss"] = " + ".join(parts) or None

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from tad_torchtune.check_tools import component_default
 from tad_torchtune.offline.teacher_cache import TeacherCacheError, check_compatible, corpus_fingerprint, read_manifest
+from tad_torchtune.recipe_settings import fused_mode
 
 __all__ = ["cache_problems", "corpus_problems"]
 
@@ -53,7 +54,7 @@ def cache_problems(
     out: list[tuple[str, str]] = []
     if loss_weight("cosine_weight") != 0:
         out.append(("teacher_cache", "cosine_weight needs the teacher's hidden states, which a cache does not hold"))
-    if str(cfg.get("fused_loss", "auto")).strip().lower() == "true":
+    if fused_mode(cfg) == "true":
         out.append(("fused_loss", "true, but teacher_cache is set: the cached rows meet chunked logits; use auto"))
     node = cfg.get("kd_loss")
     if node is None or loss_weight("kd_weight") == 0:

@@ -254,6 +254,13 @@ def test_run_facts_without_disk_logs_take_steps_from_checkpoints(tmp_path):
     assert standalone.unknown_facts(facts) == ["data (--data)", "tokens (--tokens)", "heldout (--eval-results)"]
 
 
+def test_run_facts_read_the_loss_weights_as_the_run_did():
+    """The card printed kd_weight's and ce_weight's defaults (1.0 x each) for a kd_ratio config."""
+    kd = {"_component_": "tad_torchtune.TADLoss", "top_k": 10, "beta": 2.0}
+    facts = standalone.run_facts({"kd_loss": kd, "kd_ratio": 0.25}, None)
+    assert facts["loss"] == "0.25 x `tad_torchtune.TADLoss` (top_k=10, beta=2.0) + 0.75 x cross-entropy"
+
+
 @pytest.mark.integration_test
 def test_recipe_hf_output_completed_by_export_hf(tmp_path, capsys):
     """HF in, HF out (torchtune's HF checkpointer writes weights + config.json); export-hf on that epoch folder
